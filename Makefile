@@ -1,0 +1,43 @@
+# Every target that runs code depends on `setup`, which builds .venv once (idempotent: a stamp file
+# keyed on pyproject.toml and the lock decides whether anything needs installing).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ROOT ?= runs/demo
+STAMP := $(VENV)/.ppd-installed
+export DS_ACCELERATOR ?= cpu
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+
+.PHONY: setup demo test test-slow lint bench clean
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade "pip>=24"
+	# torch first, pinned: an unpinned resolve would pull a newer multi-GB build
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	# deepspeed's build imports the installed torch, so no build isolation
+	$(BIN)/pip install -q --no-build-isolation -c requirements/constraints.txt deepspeed==0.19.8
+	$(BIN)/pip install -q -c requirements/constraints.txt -e ".[dev]"
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/ppd run --root $(ROOT)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: setup lint
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+bench: setup
+	$(BIN)/python benchmarks/bench_ingest.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,296 @@
+"""One typed config tree for the whole pipeline (DESIGN.md section 3).
+
+Sources, lowest to highest precedence: field defaults < YAML preset < ``PPD_*`` environment
+variables (``PPD_FEWSHOT__SEED=3``, sections joined by ``__``) < dotted CLI overrides
+(``--set fewshot.seed=3``). Every model is frozen and forbids unknown keys, so a typo is an error
+that names the key. Every field carries a docstring (``description``) that doubles as help text.
+
+Fields marked ``volatile`` (paths, worker counts, batch sizes that do not change results) are left
+out of :func:`fingerprint`, which names output directories and Prefect cache keys.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ppd_core.errors import ConfigError
+
+CONFIG_VERSION = 1
+ENV_PREFIX = "PPD_"
+
+
+def volatile(default: Any, description: str, **kw: Any) -> Any:
+    """A field that does not change results: excluded from fingerprints."""
+    return Field(default, description=description, json_schema_extra={"volatile": True}, **kw)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+
+class RunConfig(Section):
+    """Where outputs live and global knobs."""
+
+    root: str = volatile("runs/demo", "Run root: every stage output, cache record and the local Prefect database live under it.")
+    seed: int = Field(0, description="Global seed; stages derive their own seeds from it unless they set one.")
+    workers: int = volatile(2, "Worker threads/processes for data stages (does not change results).")
+
+
+class QuirkRates(Section):
+    """Fractions of rows carrying each real-data quirk (Pick-a-Pic v2 has all of them)."""
+
+    tie: float = Field(0.06, ge=0, le=1, description="Rows labelled 0.5/0.5 (a tie).")
+    unlabeled: float = Field(0.04, ge=0, le=1, description="Rows with has_label = false.")
+    identical: float = Field(0.02, ge=0, le=1, description="Rows whose two images are identical (are_different = false).")
+    missing_caption: float = Field(0.01, ge=0, le=1, description="Rows with an empty or null caption.")
+    duplicate: float = Field(0.01, ge=0, le=1, description="Rows that exactly repeat an earlier row.")
+    bad_image: float = Field(0.0, ge=0, le=1, description="Rows with empty or undecodable image bytes (off by default; tests turn it on).")
+
+
+class WorldConfig(Section):
+    """The embedded synthetic preference world (DESIGN.md section 4; reference/TOY_WORLD.md)."""
+
+    seed: int = Field(0, description="Seed of the world: users, images and labels.")
+    num_users: int = Field(96, ge=2, description="Number of users.")
+    num_archetypes: int = Field(6, ge=1, description="Number of user archetypes (taste clusters).")
+    user_noise: float = Field(0.3, ge=0, description="Std of each user's deviation from their archetype's preference weights.")
+    image_size: int = Field(16, ge=8, description="Side of the rendered square images, in pixels.")
+    supersample: int = Field(4, ge=1, description="Render at image_size * supersample and downsample (anti-aliasing).")
+    mean_pairs_per_user: float = Field(60.0, gt=0, description="Mean labelled rows per user (the distribution is long-tailed).")
+    pairs_per_user_sigma: float = Field(0.9, ge=0, description="Log-normal sigma of rows per user: the long tail.")
+    min_rows_per_user: int = Field(3, ge=1, description="Fewest rows a user has.")
+    max_rows_per_user: int = Field(400, ge=1, description="Most rows a user has.")
+    bt_scale: float = Field(3.0, gt=0, description="Bradley-Terry scale: P(image 0 preferred) = sigmoid(bt_scale * (r0 - r1)), rewards in attribute-std units.")
+    shift_min: float = Field(1.5, gt=0, description="Smallest shift, in attribute std, between the two images of a pair along each changed attribute.")
+    shift_max: float = Field(3.0, gt=0, description="Largest such shift.")
+    image_reuse: float = Field(0.1, ge=0, le=1, description="Fraction of rows that reuse an earlier image of the same caption (image uids repeat across rows, as in Pick-a-Pic).")
+    quirks: QuirkRates = Field(default_factory=QuirkRates, description="Rates of real-data quirks.")
+    start_date: dt.date = Field(dt.date(2023, 5, 1), description="First creation date.")
+    days: int = Field(30, ge=1, description="Rows are spread over this many days.")
+    rows_per_file: int = Field(2000, ge=1, description="Rows per Parquet shard.")
+    row_group_rows: int = Field(500, ge=1, description="Rows per Parquet row group.")
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> WorldConfig:
+        if self.shift_min > self.shift_max:
+            raise ValueError("shift_min must be <= shift_max")
+        if self.min_rows_per_user > self.max_rows_per_user:
+            raise ValueError("min_rows_per_user must be <= max_rows_per_user")
+        return self
+
+
+class IngestConfig(Section):
+    """Ingestion of Pick-a-Pic v2 Parquet into pairs, image shards and a quarantine table."""
+
+    source: str | None = Field(
+        None,
+        description="Pick-a-Pic v2 Parquet: a local directory, a glob, or any fsspec URL (s3://, gs://, hf://, ...). "
+        "None ingests the synthetic world of this run.",
+    )
+    images: Literal["auto", "required", "none"] = Field(
+        "auto",
+        description="auto: write image shards when jpg_0/jpg_1 are present (the metadata-only twin has none); "
+        "required: error without image columns; none: ignore image bytes.",
+    )
+    image_check: Literal["header", "full"] = Field(
+        "header", description="header: parse the image header and check the end marker (no pixel decode); full: decode every image."
+    )
+    formats: tuple[str, ...] = Field(("JPEG", "PNG", "WEBP"), description="Accepted image formats (PIL names).")
+    max_image_pixels: int = Field(40_000_000, gt=0, description="Images with more pixels are rejected as decompression bombs.")
+    max_image_bytes: int = Field(64 * 2**20, gt=0, description="Images larger than this many bytes are rejected.")
+    batch_rows: int = volatile(256, "Rows read per Arrow batch while streaming (bounds memory).", gt=0)
+    shard_max_images: int = volatile(5000, "Images per webdataset tar shard.", gt=0)
+    pairs_rows_per_file: int = volatile(200_000, "Rows per Parquet file inside a date partition.", gt=0)
+
+
+class FewshotConfig(Section):
+    """Few-shot sets per user, seen/unseen split, held-out evaluation pairs (DESIGN.md section 2)."""
+
+    seed: int = Field(0, description="Seed of the per-user shuffles (each user's draw depends only on this seed and the user id).")
+    shots: int = Field(4, ge=1, description="Labelled pairs per shot set (paper: K = 4).")
+    max_sets_per_user: int = Field(20, ge=1, description="Most disjoint shot sets per user (paper: 20).")
+    min_pairs_per_user: int = Field(
+        8, ge=1, description="Users with fewer usable pairs are left out (with the reason in users.parquet)."
+    )
+    unseen_fraction: float = Field(
+        0.2, ge=0, lt=1, description="Fraction of eligible users held out of training (chosen by a stable hash of the user id)."
+    )
+    heldout_pairs_per_user: int = Field(
+        4, ge=0, description="Seen users: pairs kept out of shots and training, for evaluation."
+    )
+    unseen_shot_sets: int = Field(
+        2, ge=1, description="Unseen users: shot sets drawn (the rest of their pairs are evaluation pairs)."
+    )
+
+
+class PPDConfig(Section):
+    """The whole pipeline's configuration."""
+
+    config_version: int = Field(CONFIG_VERSION, description="Version of this config layout.")
+    run: RunConfig = Field(default_factory=RunConfig, description="Run root and global knobs.")
+    world: WorldConfig = Field(default_factory=WorldConfig, description="Synthetic world (used when ingest.source is unset).")
+    ingest: IngestConfig = Field(default_factory=IngestConfig, description="Ingestion.")
+    fewshot: FewshotConfig = Field(default_factory=FewshotConfig, description="Few-shot sampling.")
+
+    @model_validator(mode="after")
+    def _check_version(self) -> PPDConfig:
+        if self.config_version != CONFIG_VERSION:
+            raise ValueError(f"config_version {self.config_version} is not supported (this code reads {CONFIG_VERSION})")
+        return self
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _deep_merge(base: dict, update: Mapping) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _nested(dotted: str, value: Any) -> dict:
+    keys = [k for k in dotted.split(".") if k]
+    if not keys:
+        raise ConfigError(f"empty config key in override {dotted!r}")
+    out: dict = value
+    for key in reversed(keys):
+        out = {key: out}
+    return out
+
+
+def _parse_value(text: str) -> Any:
+    """YAML scalar rules: 3 -> int, 0.5 -> float, true -> bool, [a, b] -> list, null -> None."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict:
+    """``["train.beta=2500", "world.num_users=8"]`` -> nested dict."""
+    merged: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"override {pair!r} must look like key.path=value")
+        key, value = pair.split("=", 1)
+        merged = _deep_merge(merged, _nested(key.strip(), _parse_value(value)))
+    return merged
+
+
+def env_overrides(environ: Mapping[str, str] | None = None) -> dict:
+    """``PPD_FEWSHOT__SEED=3`` -> {"fewshot": {"seed": 3}}. ``PPD_CONFIG`` (the preset path) is skipped."""
+    environ = os.environ if environ is None else environ
+    merged: dict = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == "PPD_CONFIG":
+            continue
+        dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+        merged = _deep_merge(merged, _nested(dotted, _parse_value(value)))
+    return merged
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid configuration ({origin}):"]
+    for item in err.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "<root>"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            got = item.get("input")
+            shown = "" if isinstance(got, Mapping) else f" (got {got!r})"
+            lines.append(f"  {key}: {item['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Sequence[str] | Mapping = (),
+    environ: Mapping[str, str] | None = None,
+) -> PPDConfig:
+    """Resolve defaults < YAML preset < PPD_* environment < overrides into one validated config."""
+    data: dict = {}
+    origin = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(loaded, Mapping):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        data = _deep_merge(data, loaded)
+        origin = str(path)
+    data = _deep_merge(data, env_overrides(environ))
+    data = _deep_merge(data, overrides if isinstance(overrides, Mapping) else parse_overrides(overrides))
+    try:
+        return PPDConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, origin)) from None
+
+
+def config_to_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------- fingerprint
+
+
+def stable_fields(section: BaseModel) -> dict:
+    """The section as JSON data without volatile fields (recursively)."""
+    out: dict = {}
+    for name, field in type(section).model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if extra.get("volatile"):
+            continue
+        value = getattr(section, name)
+        out[name] = stable_fields(value) if isinstance(value, BaseModel) else value
+    return json.loads(json.dumps(out, default=str, sort_keys=True))
+
+
+def digest_json(obj: Any) -> str:
+    """sha256 of canonical JSON (sorted keys, no whitespace)."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def fingerprint(
+    stage: str,
+    section: BaseModel | Mapping | None,
+    upstream: Mapping[str, str] | None = None,
+    code_version: str = "1",
+    extra: Mapping | None = None,
+) -> str:
+    """Name of a stage's output directory and its Prefect cache key.
+
+    Built from the stage name, the result-relevant fields of its config section, the digests of
+    the upstream manifests it reads, the stage's code version, and any ``extra`` identity (for
+    instance a source listing). 16 hex characters of sha256.
+    """
+    if isinstance(section, BaseModel):
+        section_data = stable_fields(section)
+    else:
+        section_data = dict(section or {})
+    return digest_json(
+        {
+            "stage": stage,
+            "config": section_data,
+            "upstream": dict(sorted((upstream or {}).items())),
+            "code_version": code_version,
+            "extra": dict(extra or {}),
+        }
+    )[:16]

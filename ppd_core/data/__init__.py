@@ -1,0 +1,1 @@
+"""Data: Pick-a-Pic v2 reading, the synthetic world, ingestion, few-shot sampling, image shards."""

@@ -1,0 +1,215 @@
+"""Atomic stage outputs and their manifests.
+
+A stage writes into a partial directory; :func:`commit` hashes every file, writes
+``manifest.json`` last, and renames the directory into ``<root>/<stage>/<fingerprint>/``. A killed
+run therefore leaves either a complete directory or a hidden ``.partial`` one that no reader takes
+for complete. :func:`is_complete` is the one test of completeness used everywhere (with or without
+Prefect): the manifest parses and every listed file exists with its recorded size and content.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ppd_core import __version__
+from ppd_core.config import digest_json
+from ppd_core.layout import RunLayout
+
+MANIFEST_NAME = "manifest.json"
+_CHUNK = 1 << 20
+
+
+class FileEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    size: int
+    sha256: str
+    mtime_ns: int
+
+
+class Manifest(BaseModel):
+    """What a committed stage directory holds. ``digest`` identifies its content for downstream keys."""
+
+    model_config = ConfigDict(extra="forbid")
+    stage: str
+    fingerprint: str
+    digest: str
+    code_version: str
+    created_at: str
+    config: dict[str, Any]
+    upstream: dict[str, str]
+    files: dict[str, FileEntry]
+    counts: dict[str, Any]
+
+    def path(self, root: str | Path) -> Path:
+        return RunLayout(root).stage_dir(self.stage, self.fingerprint)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temporary sibling, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def load_manifest(directory: str | Path) -> Manifest | None:
+    """The directory's manifest, or None if it is absent or unreadable."""
+    path = Path(directory) / MANIFEST_NAME
+    try:
+        return Manifest.model_validate_json(path.read_bytes())
+    except (OSError, ValidationError, ValueError):
+        return None
+
+
+def verify(directory: str | Path) -> list[str]:
+    """Problems that make ``directory`` incomplete; empty when it is complete.
+
+    Size is checked for every file; content is re-hashed only when the modification time differs
+    from the recorded one, so an untouched directory is checked without reading its files while an
+    edited one is caught even when its size did not change.
+    """
+    directory = Path(directory)
+    manifest = load_manifest(directory)
+    if manifest is None:
+        return [f"{directory}: no readable {MANIFEST_NAME}"]
+    problems = []
+    for rel, entry in manifest.files.items():
+        path = directory / rel
+        try:
+            st = path.stat()
+        except OSError:
+            problems.append(f"{rel}: missing")
+            continue
+        if st.st_size != entry.size:
+            problems.append(f"{rel}: size {st.st_size} != {entry.size}")
+        elif st.st_mtime_ns != entry.mtime_ns and sha256_file(path) != entry.sha256:
+            problems.append(f"{rel}: content changed")
+    return problems
+
+
+def is_complete(directory: str | Path) -> bool:
+    return not verify(directory)
+
+
+def _list_files(directory: Path) -> list[str]:
+    return sorted(
+        str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_NAME
+    )
+
+
+def prepare_partial(partial: Path, resume: bool = False) -> Path:
+    """Create the partial directory; without ``resume`` anything left by an earlier attempt is cleared."""
+    if partial.exists() and not resume:
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    return partial
+
+
+def commit(
+    partial: Path,
+    final: Path,
+    *,
+    stage: str,
+    fingerprint: str,
+    code_version: str,
+    config: Mapping[str, Any],
+    upstream: Mapping[str, str],
+    counts: Mapping[str, Any],
+) -> Manifest:
+    """Hash the partial directory's files, write the manifest last, rename into place."""
+    files = {}
+    for rel in _list_files(partial):
+        st = (partial / rel).stat()
+        files[rel] = FileEntry(size=st.st_size, sha256=sha256_file(partial / rel), mtime_ns=st.st_mtime_ns)
+    digest = digest_json({"stage": stage, "fingerprint": fingerprint, "files": {k: v.sha256 for k, v in files.items()}})
+    manifest = Manifest(
+        stage=stage,
+        fingerprint=fingerprint,
+        digest=digest,
+        code_version=code_version,
+        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        config=dict(config),
+        upstream=dict(upstream),
+        files=files,
+        counts=dict(counts),
+    )
+    atomic_write_bytes(partial / MANIFEST_NAME, manifest.model_dump_json(indent=2).encode())
+    if final.exists():
+        # an incomplete or tampered earlier output: move it aside first (directories cannot be replaced atomically)
+        stale = final.with_name(f".{final.name}.stale-{uuid.uuid4().hex[:8]}")
+        os.rename(final, stale)
+        os.rename(partial, final)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.rename(partial, final)
+    return manifest
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    """A stage's manifest plus whether it was reused from a complete earlier output."""
+
+    manifest: Manifest
+    directory: Path
+    reused: bool
+
+
+def run_stage(
+    layout: RunLayout,
+    stage: str,
+    fingerprint: str,
+    build: Callable[[Path], Mapping[str, Any]],
+    *,
+    code_version: str,
+    config: Mapping[str, Any],
+    upstream: Mapping[str, str],
+    resume: bool = False,
+) -> StageOutcome:
+    """Reuse ``<root>/<stage>/<fingerprint>/`` when complete; otherwise ``build(partial_dir) -> counts`` and commit.
+
+    ``resume=True`` keeps what an interrupted attempt left in the partial directory, for stages whose
+    work is split into shards that complete atomically.
+    """
+    final = layout.stage_dir(stage, fingerprint)
+    if is_complete(final):
+        return StageOutcome(load_manifest(final), final, reused=True)
+    partial = prepare_partial(layout.partial_dir(stage, fingerprint), resume=resume)
+    counts = build(partial)
+    manifest = commit(
+        partial,
+        final,
+        stage=stage,
+        fingerprint=fingerprint,
+        code_version=f"{__version__}/{stage}.v{code_version}",
+        config=config,
+        upstream=upstream,
+        counts=counts,
+    )
+    return StageOutcome(manifest, final, reused=False)

@@ -1,0 +1,134 @@
+"""Arrow schemas of every table the pipeline reads or writes.
+
+``PICKAPIC_V2`` is the exact schema of the Pick-a-Pic v2 Parquet files (19 columns, in file order);
+the metadata-only twin (``pickapic_v2_no_images``) is the same minus ``jpg_0``/``jpg_1``.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+PICKAPIC_V2 = pa.schema(
+    [
+        ("are_different", pa.bool_()),
+        ("best_image_uid", pa.string()),
+        ("caption", pa.string()),
+        ("created_at", pa.timestamp("ns")),
+        ("has_label", pa.bool_()),
+        ("image_0_uid", pa.string()),
+        ("image_0_url", pa.string()),
+        ("image_1_uid", pa.string()),
+        ("image_1_url", pa.string()),
+        ("jpg_0", pa.binary()),
+        ("jpg_1", pa.binary()),
+        ("label_0", pa.float64()),
+        ("label_1", pa.float64()),
+        ("model_0", pa.string()),
+        ("model_1", pa.string()),
+        ("ranking_id", pa.int64()),
+        ("user_id", pa.int64()),
+        ("num_example_per_prompt", pa.int64()),
+        ("__index_level_0__", pa.int64()),
+    ]
+)
+IMAGE_COLUMNS = ("jpg_0", "jpg_1")
+PICKAPIC_V2_METADATA = pa.schema([f for f in PICKAPIC_V2 if f.name not in IMAGE_COLUMNS])
+# Columns a reader may do without (a pandas-free writer drops the leftover index).
+OPTIONAL_COLUMNS = ("__index_level_0__",)
+
+# ingest: one row per kept comparison, oriented winner/loser; hive-partitioned by created_date.
+PAIRS = pa.schema(
+    [
+        ("pair_id", pa.string()),  # stable content id of the comparison
+        ("ranking_id", pa.int64()),
+        ("user_id", pa.int64()),
+        ("caption", pa.string()),
+        ("created_at", pa.timestamp("ns")),
+        ("winner_uid", pa.string()),
+        ("loser_uid", pa.string()),
+        ("winner_model", pa.string()),
+        ("loser_model", pa.string()),
+        ("num_example_per_prompt", pa.int64()),
+        ("source_file", pa.string()),
+        ("source_row", pa.int64()),
+    ]
+)
+PAIRS_PARTITION = "created_date"  # YYYY-MM-DD, the hive partition key of `pairs/`
+
+QUARANTINE = pa.schema(
+    [
+        ("source_file", pa.string()),
+        ("source_row", pa.int64()),
+        ("ranking_id", pa.int64()),
+        ("user_id", pa.int64()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
+
+# ingest: where each image lives inside the webdataset shards (random access by uid).
+IMAGE_INDEX = pa.schema(
+    [
+        ("image_uid", pa.string()),
+        ("shard", pa.string()),  # file name under images/
+        ("offset", pa.int64()),  # byte offset of the image member's data inside the tar
+        ("nbytes", pa.int64()),
+        ("format", pa.string()),  # PIL format name
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+    ]
+)
+
+# fewshot outputs
+SHOT_SETS = pa.schema(
+    [
+        ("shot_set_id", pa.string()),  # content hash of the ordered pair ids
+        ("user_id", pa.int64()),
+        ("split", pa.string()),  # "seen" | "unseen"
+        ("set_index", pa.int32()),
+        ("pair_ids", pa.list_(pa.string())),
+        ("captions", pa.list_(pa.string())),
+        ("winner_uids", pa.list_(pa.string())),
+        ("loser_uids", pa.list_(pa.string())),
+    ]
+)
+TRAIN_PAIRS = pa.schema(
+    [
+        ("pair_id", pa.string()),
+        ("user_id", pa.int64()),
+        ("caption", pa.string()),
+        ("winner_uid", pa.string()),
+        ("loser_uid", pa.string()),
+        ("shot_set_id", pa.string()),  # the shot set that conditions this pair; never one containing it
+    ]
+)
+EVAL_PAIRS = pa.schema(
+    [
+        ("pair_id", pa.string()),
+        ("user_id", pa.int64()),
+        ("split", pa.string()),
+        ("caption", pa.string()),
+        ("winner_uid", pa.string()),
+        ("loser_uid", pa.string()),
+    ]
+)
+FEWSHOT_USERS = pa.schema(
+    [
+        ("user_id", pa.int64()),
+        ("split", pa.string()),  # "seen" | "unseen" | "excluded"
+        ("reason", pa.string()),  # why excluded, else ""
+        ("num_pairs", pa.int64()),
+        ("num_shot_sets", pa.int64()),
+        ("num_train_pairs", pa.int64()),
+        ("num_eval_pairs", pa.int64()),
+    ]
+)
+
+# synthesize: ground truth of the synthetic world
+WORLD_USERS = pa.schema(
+    [
+        ("user_id", pa.int64()),
+        ("archetype", pa.int32()),
+        ("weights", pa.list_(pa.float32())),  # preference weights over ATTRIBUTES, unit norm
+    ]
+)
