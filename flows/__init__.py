@@ -1,0 +1,1 @@
+"""DAG wiring (Prefect flows) and the `ppd` command line."""

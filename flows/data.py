@@ -1,0 +1,54 @@
+"""The data flow: synthesize (toy) -> ingest -> fewshot, each a cached Prefect task.
+
+A stage is a cache hit when Prefect holds a record for its fingerprint *and* its output directory
+verifies against its manifest; a missing or tampered directory forces a refresh of that stage only.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from ppd_core import pipeline
+from ppd_core.config import PPDConfig
+from ppd_core.manifest import is_complete, load_manifest
+from tasks.fewshot import fewshot_task
+from tasks.ingest import ingest_task
+from tasks.synthesize import synthesize_task
+
+STAGE_TASKS = {"synthesize": synthesize_task, "ingest": ingest_task, "fewshot": fewshot_task}
+
+
+@flow(name="ppd-data", retries=0, validate_parameters=True)
+def data_flow(config: PPDConfig, stages: list[str] | None = None) -> list[dict[str, Any]]:
+    """Run the requested data stages (and whatever upstream they need) for one config."""
+    logger = get_run_logger()
+    dirs: dict[str, str] = {}
+    report: list[dict[str, Any]] = []
+    for stage in pipeline.expand(stages, config):
+        upstream_dirs = {u: dirs[u] for u in pipeline.upstream_of(stage, config)}
+        manifests = {u: load_manifest(d) for u, d in upstream_dirs.items()}
+        p = pipeline.plan(config, stage, manifests)
+        fresh = is_complete(p.directory)
+        t0 = time.perf_counter()
+        state = STAGE_TASKS[stage].with_options(refresh_cache=not fresh)(
+            config, stage, p.fingerprint, upstream_dirs, return_state=True
+        )
+        result = state.result()
+        cached = state.name == "Cached" or bool(result.get("reused"))
+        seconds = round(time.perf_counter() - t0, 3)
+        logger.info("%s: %s in %.1fs -> %s", stage, "cached" if cached else "computed", seconds, result["directory"])
+        dirs[stage] = result["directory"]
+        report.append(
+            {
+                "name": stage,
+                "output_dir": result["directory"],
+                "fingerprint": result["fingerprint"],
+                "cached": cached,
+                "seconds": seconds,
+                "counts": result["counts"],
+            }
+        )
+    return report

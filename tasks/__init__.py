@@ -1,0 +1,1 @@
+"""Thin Prefect tasks, one module per stage: cache policy, retries, tags, artifacts around ppd_core."""

@@ -1,0 +1,75 @@
+"""What every stage task shares: the fingerprint cache policy and the call into ppd_core.
+
+Prefect's default cache policy includes the flow-run id and never hits across runs. Ours keys a
+task on the stage fingerprint (config section + upstream manifest digests + code version), the same
+name as its output directory, so Prefect and ppd_core agree on what is cached. The flow passes
+``refresh_cache=True`` when that directory is missing or fails :func:`ppd_core.manifest.verify`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import CachePolicy
+
+from ppd_core import pipeline
+from ppd_core.config import PPDConfig
+from ppd_core.errors import StageError
+from ppd_core.manifest import load_manifest
+
+
+@dataclass
+class StageFingerprint(CachePolicy):
+    """Cache key = ``ppd-<stage>-<fingerprint>``; the task's ``fingerprint`` argument carries it."""
+
+    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str | None:
+        return f"ppd-{inputs['stage']}-{inputs['fingerprint']}"
+
+
+STAGE_CACHE = StageFingerprint()
+TASK_OPTIONS: dict[str, Any] = dict(
+    cache_policy=STAGE_CACHE, persist_result=True, result_serializer="json", retries=1, retry_delay_seconds=2
+)
+
+
+def progress_reporter(description: str, every: float = 0.02):
+    """A ``(done, total)`` callback that publishes a Prefect progress artifact, throttled."""
+    artifact_id = create_progress_artifact(0.0, description=description)
+    state = {"last": 0.0}
+
+    def report(done: int, total: int) -> None:
+        pct = 100.0 * done / max(total, 1)
+        if pct - state["last"] >= 100 * every or done >= total:
+            state["last"] = pct
+            update_progress_artifact(artifact_id, pct)
+
+    return report
+
+
+def run_stage_body(
+    config: PPDConfig, stage: str, fingerprint: str, upstream_dirs: dict[str, str], progress=None
+) -> dict[str, Any]:
+    """Plan and execute one stage; returns a small JSON-able summary (persisted as the task result)."""
+    manifests = {}
+    for name, directory in upstream_dirs.items():
+        m = load_manifest(directory)
+        if m is None:
+            raise StageError(f"upstream {name} output at {directory} is not complete")
+        manifests[name] = m
+    p = pipeline.plan(config, stage, manifests)
+    if p.fingerprint != fingerprint:
+        raise StageError(f"{stage}: fingerprint changed between planning and running ({fingerprint} -> {p.fingerprint})")
+    t0 = time.perf_counter()
+    outcome = pipeline.execute(config, p, manifests, progress=progress)
+    return {
+        "stage": stage,
+        "directory": str(outcome.directory),
+        "fingerprint": outcome.manifest.fingerprint,
+        "digest": outcome.manifest.digest,
+        "counts": outcome.manifest.counts,
+        "reused": outcome.reused,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }

@@ -1,0 +1,78 @@
+"""Atomic stage directories: manifest written last, completeness, reuse and recomputation."""
+
+import os
+
+import pytest
+
+from ppd_core.layout import RunLayout
+from ppd_core.manifest import MANIFEST_NAME, is_complete, load_manifest, run_stage, verify
+
+
+def _writer(calls):
+    def build(out):
+        calls.append(out)
+        (out / "sub").mkdir()
+        (out / "a.txt").write_text("hello")
+        (out / "sub" / "b.bin").write_bytes(b"\x00" * 10)
+        return {"rows": 2}
+
+    return build
+
+
+def _run(layout, calls, fp="f1"):
+    return run_stage(layout, "demo", fp, _writer(calls), code_version="1", config={"k": 1}, upstream={"up": "d"})
+
+
+def test_commit_writes_manifest_and_reuses(tmp_path):
+    layout, calls = RunLayout(tmp_path), []
+    first = _run(layout, calls)
+    assert not first.reused and len(calls) == 1
+    assert first.directory == tmp_path / "demo" / "f1"
+    m = load_manifest(first.directory)
+    assert set(m.files) == {"a.txt", "sub/b.bin"}
+    assert m.files["a.txt"].size == 5 and m.counts == {"rows": 2} and m.upstream == {"up": "d"}
+    assert not layout.partial_dir("demo", "f1").exists()
+    second = _run(layout, calls)
+    assert second.reused and len(calls) == 1 and second.manifest.digest == first.manifest.digest
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda d: (d / "a.txt").unlink(),
+        lambda d: (d / "a.txt").write_text("hello world"),
+        lambda d: (d / "a.txt").write_text("HELLO"),  # same size, new content
+        lambda d: (d / MANIFEST_NAME).unlink(),
+        lambda d: (d / MANIFEST_NAME).write_text("{not json"),
+    ],
+)
+def test_tampered_directory_is_recomputed(tmp_path, tamper):
+    layout, calls = RunLayout(tmp_path), []
+    out = _run(layout, calls).directory
+    tamper(out)
+    assert not is_complete(out) and verify(out)
+    again = _run(layout, calls)
+    assert not again.reused and len(calls) == 2
+    assert is_complete(again.directory) and (again.directory / "a.txt").read_text() == "hello"
+    assert not [p for p in (tmp_path / "demo").iterdir() if p.name.startswith(".")]
+
+
+def test_touched_but_unchanged_file_still_complete(tmp_path):
+    layout, calls = RunLayout(tmp_path), []
+    out = _run(layout, calls).directory
+    os.utime(out / "a.txt", ns=(1, 1))  # mtime differs, content equal -> re-hash says fine
+    assert is_complete(out)
+
+
+def test_killed_build_leaves_nothing_complete(tmp_path):
+    layout = RunLayout(tmp_path)
+
+    def dies(out):
+        (out / "half.parquet").write_bytes(b"PAR1")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(layout, "demo", "f1", dies, code_version="1", config={}, upstream={})
+    assert not (tmp_path / "demo" / "f1").exists()
+    calls = []
+    assert not _run(layout, calls).reused and len(calls) == 1
