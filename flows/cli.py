@@ -41,11 +41,20 @@ out = Console()
 
 ConfigOpt = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help="YAML preset (default: $PPD_CONFIG, else configs/toy.yaml).", show_default=False),
+    typer.Option(
+        "--config",
+        "-c",
+        help="YAML preset (default: $PPD_CONFIG, else configs/toy.yaml).",
+        show_default=False,
+    ),
 ]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Dotted override, repeatable: --set fewshot.seed=3 (wins over file and PPD_* env).", show_default=False),
+    typer.Option(
+        "--set",
+        help="Dotted override, repeatable: --set fewshot.seed=3 (wins over file and PPD_* env).",
+        show_default=False,
+    ),
 ]
 
 
@@ -80,8 +89,16 @@ def _print_report(report: list[dict], root: str) -> None:
         table.add_column(col, overflow="fold")
     for r in report:
         counts = r["counts"]
-        brief = ", ".join(f"{k}={v}" for k, v in counts.items() if isinstance(v, int | float) and not isinstance(v, bool))
-        table.add_row(r["name"], "cached" if r["cached"] else "computed", f"{r['seconds']:.1f}", r["output_dir"], brief[:200])
+        brief = ", ".join(
+            f"{k}={v}" for k, v in counts.items() if isinstance(v, int | float) and not isinstance(v, bool)
+        )
+        table.add_row(
+            r["name"],
+            "cached" if r["cached"] else "computed",
+            f"{r['seconds']:.1f}",
+            r["output_dir"],
+            brief[:200],
+        )
     out.print(table)
     out.print(f"Outputs are under [bold]{root}[/] (each stage: <root>/<stage>/<fingerprint>/manifest.json).")
 
@@ -89,17 +106,35 @@ def _print_report(report: list[dict], root: str) -> None:
 @app.command()
 def run(
     config: ConfigOpt = None,
-    root: Annotated[Path | None, typer.Option("--root", help="Run root: all outputs, caches and the local Prefect database.", show_default=False)] = None,
+    root: Annotated[
+        Path | None,
+        typer.Option(
+            "--root", help="Run root: all outputs, caches and the local Prefect database.", show_default=False
+        ),
+    ] = None,
     source: Annotated[
         str | None,
-        typer.Option("--source", help="Pick-a-Pic v2 Parquet (directory, glob or fsspec URL) instead of the synthetic world.", show_default=False),
+        typer.Option(
+            "--source",
+            help="Pick-a-Pic v2 Parquet (directory, glob or fsspec URL) instead of the synthetic world.",
+            show_default=False,
+        ),
     ] = None,
     stages: Annotated[
         str | None,
-        typer.Option("--stages", help="Comma-separated stages (upstream stages are added and reused when cached). Default: all.", show_default=False),
+        typer.Option(
+            "--stages",
+            help="Comma-separated stages (upstream stages are added and reused when cached). Default: all.",
+            show_default=False,
+        ),
     ] = None,
     set_: SetOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (per stage: name, output dir, cached, seconds, counts).")] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print one JSON object (per stage: name, output dir, cached, seconds, counts)."
+        ),
+    ] = False,
 ) -> None:
     """Run pipeline stages through Prefect; completed stages are served from cache."""
     extra = []
@@ -109,7 +144,9 @@ def run(
         extra.append(f"ingest.source={json.dumps(source)}")
     try:
         cfg = _resolve(config, set_, extra)
-        cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"root": str(Path(cfg.run.root).resolve())})})
+        cfg = cfg.model_copy(
+            update={"run": cfg.run.model_copy(update={"root": str(Path(cfg.run.root).resolve())})}
+        )
         from ppd_core import pipeline
 
         stage_list = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
@@ -146,6 +183,14 @@ def config_show(
         sys.stdout.write(cfg.model_dump_json(indent=2) + "\n")
     else:
         sys.stdout.write(config_to_yaml(cfg))
+
+
+@config_app.command("reference")
+def config_reference() -> None:
+    """Print a Markdown table of every config key, its default and meaning (the README's table)."""
+    from ppd_core.config import reference_markdown
+
+    sys.stdout.write(reference_markdown() + "\n")
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -39,7 +39,9 @@ def data_flow(config: PPDConfig, stages: list[str] | None = None) -> list[dict[s
         result = state.result()
         cached = state.name == "Cached" or bool(result.get("reused"))
         seconds = round(time.perf_counter() - t0, 3)
-        logger.info("%s: %s in %.1fs -> %s", stage, "cached" if cached else "computed", seconds, result["directory"])
+        logger.info(
+            "%s: %s in %.1fs -> %s", stage, "cached" if cached else "computed", seconds, result["directory"]
+        )
         dirs[stage] = result["directory"]
         report.append(
             {

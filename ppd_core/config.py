@@ -40,8 +40,13 @@ class Section(BaseModel):
 class RunConfig(Section):
     """Where outputs live and global knobs."""
 
-    root: str = volatile("runs/demo", "Run root: every stage output, cache record and the local Prefect database live under it.")
-    seed: int = Field(0, description="Global seed; stages derive their own seeds from it unless they set one.")
+    root: str = volatile(
+        "runs/demo",
+        "Run root: every stage output, cache record and the local Prefect database live under it.",
+    )
+    seed: int = Field(
+        0, description="Global seed; stages derive their own seeds from it unless they set one."
+    )
     workers: int = volatile(2, "Worker threads/processes for data stages (does not change results).")
 
 
@@ -50,10 +55,17 @@ class QuirkRates(Section):
 
     tie: float = Field(0.06, ge=0, le=1, description="Rows labelled 0.5/0.5 (a tie).")
     unlabeled: float = Field(0.04, ge=0, le=1, description="Rows with has_label = false.")
-    identical: float = Field(0.02, ge=0, le=1, description="Rows whose two images are identical (are_different = false).")
+    identical: float = Field(
+        0.02, ge=0, le=1, description="Rows whose two images are identical (are_different = false)."
+    )
     missing_caption: float = Field(0.01, ge=0, le=1, description="Rows with an empty or null caption.")
     duplicate: float = Field(0.01, ge=0, le=1, description="Rows that exactly repeat an earlier row.")
-    bad_image: float = Field(0.0, ge=0, le=1, description="Rows with empty or undecodable image bytes (off by default; tests turn it on).")
+    bad_image: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Rows with empty or undecodable image bytes (off by default; tests turn it on).",
+    )
 
 
 class WorldConfig(Section):
@@ -62,17 +74,38 @@ class WorldConfig(Section):
     seed: int = Field(0, description="Seed of the world: users, images and labels.")
     num_users: int = Field(96, ge=2, description="Number of users.")
     num_archetypes: int = Field(6, ge=1, description="Number of user archetypes (taste clusters).")
-    user_noise: float = Field(0.3, ge=0, description="Std of each user's deviation from their archetype's preference weights.")
+    user_noise: float = Field(
+        0.3, ge=0, description="Std of each user's deviation from their archetype's preference weights."
+    )
     image_size: int = Field(16, ge=8, description="Side of the rendered square images, in pixels.")
-    supersample: int = Field(4, ge=1, description="Render at image_size * supersample and downsample (anti-aliasing).")
-    mean_pairs_per_user: float = Field(60.0, gt=0, description="Mean labelled rows per user (the distribution is long-tailed).")
-    pairs_per_user_sigma: float = Field(0.9, ge=0, description="Log-normal sigma of rows per user: the long tail.")
+    supersample: int = Field(
+        4, ge=1, description="Render at image_size * supersample and downsample (anti-aliasing)."
+    )
+    mean_pairs_per_user: float = Field(
+        60.0, gt=0, description="Mean labelled rows per user (the distribution is long-tailed)."
+    )
+    pairs_per_user_sigma: float = Field(
+        0.9, ge=0, description="Log-normal sigma of rows per user: the long tail."
+    )
     min_rows_per_user: int = Field(3, ge=1, description="Fewest rows a user has.")
     max_rows_per_user: int = Field(400, ge=1, description="Most rows a user has.")
-    bt_scale: float = Field(3.0, gt=0, description="Bradley-Terry scale: P(image 0 preferred) = sigmoid(bt_scale * (r0 - r1)), rewards in attribute-std units.")
-    shift_min: float = Field(1.5, gt=0, description="Smallest shift, in attribute std, between the two images of a pair along each changed attribute.")
+    bt_scale: float = Field(
+        3.0,
+        gt=0,
+        description="Bradley-Terry scale: P(image 0 preferred) = sigmoid(bt_scale * (r0 - r1)), rewards in attribute-std units.",
+    )
+    shift_min: float = Field(
+        1.5,
+        gt=0,
+        description="Smallest shift, in attribute std, between the two images of a pair along each changed attribute.",
+    )
     shift_max: float = Field(3.0, gt=0, description="Largest such shift.")
-    image_reuse: float = Field(0.1, ge=0, le=1, description="Fraction of rows that reuse an earlier image of the same caption (image uids repeat across rows, as in Pick-a-Pic).")
+    image_reuse: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Fraction of rows that reuse an earlier image of the same caption (image uids repeat across rows, as in Pick-a-Pic).",
+    )
     quirks: QuirkRates = Field(default_factory=QuirkRates, description="Rates of real-data quirks.")
     start_date: dt.date = Field(dt.date(2023, 5, 1), description="First creation date.")
     days: int = Field(30, ge=1, description="Rows are spread over this many days.")
@@ -102,11 +135,18 @@ class IngestConfig(Section):
         "required: error without image columns; none: ignore image bytes.",
     )
     image_check: Literal["header", "full"] = Field(
-        "header", description="header: parse the image header and check the end marker (no pixel decode); full: decode every image."
+        "header",
+        description="header: parse the image header and check the end marker (no pixel decode); full: decode every image.",
     )
-    formats: tuple[str, ...] = Field(("JPEG", "PNG", "WEBP"), description="Accepted image formats (PIL names).")
-    max_image_pixels: int = Field(40_000_000, gt=0, description="Images with more pixels are rejected as decompression bombs.")
-    max_image_bytes: int = Field(64 * 2**20, gt=0, description="Images larger than this many bytes are rejected.")
+    formats: tuple[str, ...] = Field(
+        ("JPEG", "PNG", "WEBP"), description="Accepted image formats (PIL names)."
+    )
+    max_image_pixels: int = Field(
+        40_000_000, gt=0, description="Images with more pixels are rejected as decompression bombs."
+    )
+    max_image_bytes: int = Field(
+        64 * 2**20, gt=0, description="Images larger than this many bytes are rejected."
+    )
     batch_rows: int = volatile(256, "Rows read per Arrow batch while streaming (bounds memory).", gt=0)
     shard_max_images: int = volatile(5000, "Images per webdataset tar shard.", gt=0)
     pairs_rows_per_file: int = volatile(200_000, "Rows per Parquet file inside a date partition.", gt=0)
@@ -115,14 +155,20 @@ class IngestConfig(Section):
 class FewshotConfig(Section):
     """Few-shot sets per user, seen/unseen split, held-out evaluation pairs (DESIGN.md section 2)."""
 
-    seed: int = Field(0, description="Seed of the per-user shuffles (each user's draw depends only on this seed and the user id).")
+    seed: int = Field(
+        0,
+        description="Seed of the per-user shuffles (each user's draw depends only on this seed and the user id).",
+    )
     shots: int = Field(4, ge=1, description="Labelled pairs per shot set (paper: K = 4).")
     max_sets_per_user: int = Field(20, ge=1, description="Most disjoint shot sets per user (paper: 20).")
     min_pairs_per_user: int = Field(
         8, ge=1, description="Users with fewer usable pairs are left out (with the reason in users.parquet)."
     )
     unseen_fraction: float = Field(
-        0.2, ge=0, lt=1, description="Fraction of eligible users held out of training (chosen by a stable hash of the user id)."
+        0.2,
+        ge=0,
+        lt=1,
+        description="Fraction of eligible users held out of training (chosen by a stable hash of the user id).",
     )
     heldout_pairs_per_user: int = Field(
         4, ge=0, description="Seen users: pairs kept out of shots and training, for evaluation."
@@ -137,14 +183,18 @@ class PPDConfig(Section):
 
     config_version: int = Field(CONFIG_VERSION, description="Version of this config layout.")
     run: RunConfig = Field(default_factory=RunConfig, description="Run root and global knobs.")
-    world: WorldConfig = Field(default_factory=WorldConfig, description="Synthetic world (used when ingest.source is unset).")
+    world: WorldConfig = Field(
+        default_factory=WorldConfig, description="Synthetic world (used when ingest.source is unset)."
+    )
     ingest: IngestConfig = Field(default_factory=IngestConfig, description="Ingestion.")
     fewshot: FewshotConfig = Field(default_factory=FewshotConfig, description="Few-shot sampling.")
 
     @model_validator(mode="after")
     def _check_version(self) -> PPDConfig:
         if self.config_version != CONFIG_VERSION:
-            raise ValueError(f"config_version {self.config_version} is not supported (this code reads {CONFIG_VERSION})")
+            raise ValueError(
+                f"config_version {self.config_version} is not supported (this code reads {CONFIG_VERSION})"
+            )
         return self
 
 
@@ -281,10 +331,7 @@ def fingerprint(
     the upstream manifests it reads, the stage's code version, and any ``extra`` identity (for
     instance a source listing). 16 hex characters of sha256.
     """
-    if isinstance(section, BaseModel):
-        section_data = stable_fields(section)
-    else:
-        section_data = dict(section or {})
+    section_data = stable_fields(section) if isinstance(section, BaseModel) else dict(section or {})
     return digest_json(
         {
             "stage": stage,
@@ -294,3 +341,21 @@ def fingerprint(
             "extra": dict(extra or {}),
         }
     )[:16]
+
+
+def reference_markdown(model: type[BaseModel] = PPDConfig, prefix: str = "") -> str:
+    """A Markdown table of every config key with its default and help text (the README's config table)."""
+    rows = []
+
+    def walk(cls: type[BaseModel], pre: str) -> None:
+        for name, f in cls.model_fields.items():
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{pre}{name}.")
+                continue
+            default = f.get_default(call_default_factory=True)
+            shown = json.dumps(default, default=str)
+            rows.append(f"| `{pre}{name}` | `{shown}` | {f.description or ''} |")
+
+    walk(model, prefix)
+    return "\n".join(["| key | default | meaning |", "|---|---|---|", *rows])

@@ -148,7 +148,9 @@ def commit(
     for rel in _list_files(partial):
         st = (partial / rel).stat()
         files[rel] = FileEntry(size=st.st_size, sha256=sha256_file(partial / rel), mtime_ns=st.st_mtime_ns)
-    digest = digest_json({"stage": stage, "fingerprint": fingerprint, "files": {k: v.sha256 for k, v in files.items()}})
+    digest = digest_json(
+        {"stage": stage, "fingerprint": fingerprint, "files": {k: v.sha256 for k, v in files.items()}}
+    )
     manifest = Manifest(
         stage=stage,
         fingerprint=fingerprint,

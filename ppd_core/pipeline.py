@@ -54,7 +54,9 @@ def expand(stages: Iterable[str] | None, cfg: PPDConfig) -> list[str]:
     if unknown:
         raise StageError(f"unknown stage(s) {', '.join(unknown)}; stages are: {', '.join(STAGE_ORDER)}")
     if cfg.ingest.source and "synthesize" in requested:
-        raise StageError("synthesize makes the embedded synthetic world; it has no use with --source (drop it from --stages)")
+        raise StageError(
+            "synthesize makes the embedded synthetic world; it has no use with --source (drop it from --stages)"
+        )
     needed: set[str] = set()
 
     def visit(stage: str) -> None:
@@ -159,4 +161,4 @@ def preflight(cfg: PPDConfig) -> None:
         from ppd_core.data.pickapic import check_schema, open_parquet, resolve_source
 
         for f in resolve_source(cfg.ingest.source):
-            check_schema(open_parquet(f).schema_arrow, f.path, cfg.ingest.images)
+            check_schema(open_parquet(f).schema_arrow, f.url, cfg.ingest.images)

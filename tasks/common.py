@@ -25,7 +25,9 @@ from ppd_core.manifest import load_manifest
 class StageFingerprint(CachePolicy):
     """Cache key = ``ppd-<stage>-<fingerprint>``; the task's ``fingerprint`` argument carries it."""
 
-    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str | None:
+    def compute_key(
+        self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs
+    ) -> str | None:
         return f"ppd-{inputs['stage']}-{inputs['fingerprint']}"
 
 
@@ -61,7 +63,9 @@ def run_stage_body(
         manifests[name] = m
     p = pipeline.plan(config, stage, manifests)
     if p.fingerprint != fingerprint:
-        raise StageError(f"{stage}: fingerprint changed between planning and running ({fingerprint} -> {p.fingerprint})")
+        raise StageError(
+            f"{stage}: fingerprint changed between planning and running ({fingerprint} -> {p.fingerprint})"
+        )
     t0 = time.perf_counter()
     outcome = pipeline.execute(config, p, manifests, progress=progress)
     return {

@@ -61,7 +61,9 @@ def test_bad_files_are_clear_errors(tmp_path):
 
 
 def test_override_values_are_typed():
-    cfg = load_config(None, ["ingest.formats=[JPEG]", "ingest.source=null", "world.quirks.tie=0.5"], environ={})
+    cfg = load_config(
+        None, ["ingest.formats=[JPEG]", "ingest.source=null", "world.quirks.tie=0.5"], environ={}
+    )
     assert cfg.ingest.formats == ("JPEG",)
     assert cfg.ingest.source is None
     assert cfg.world.quirks.tie == 0.5
@@ -79,5 +81,9 @@ def test_fingerprint_ignores_volatile_fields_only():
     c = load_config(None, ["ingest.image_check=full"], environ={})
     assert fingerprint("ingest", a.ingest) == fingerprint("ingest", b.ingest)
     assert fingerprint("ingest", a.ingest) != fingerprint("ingest", c.ingest)
-    assert fingerprint("ingest", a.ingest, {"synthesize": "d1"}) != fingerprint("ingest", a.ingest, {"synthesize": "d2"})
-    assert fingerprint("ingest", a.ingest, code_version="1") != fingerprint("ingest", a.ingest, code_version="2")
+    assert fingerprint("ingest", a.ingest, {"synthesize": "d1"}) != fingerprint(
+        "ingest", a.ingest, {"synthesize": "d2"}
+    )
+    assert fingerprint("ingest", a.ingest, code_version="1") != fingerprint(
+        "ingest", a.ingest, code_version="2"
+    )

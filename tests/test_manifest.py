@@ -20,7 +20,9 @@ def _writer(calls):
 
 
 def _run(layout, calls, fp="f1"):
-    return run_stage(layout, "demo", fp, _writer(calls), code_version="1", config={"k": 1}, upstream={"up": "d"})
+    return run_stage(
+        layout, "demo", fp, _writer(calls), code_version="1", config={"k": 1}, upstream={"up": "d"}
+    )
 
 
 def test_commit_writes_manifest_and_reuses(tmp_path):

@@ -1,0 +1,114 @@
+"""The `ppd` command line through its installed entry point, and the cached Prefect data flow."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ppd_core.config import reference_markdown
+
+REPO = Path(__file__).resolve().parents[1]
+PPD = str(Path(sys.executable).parent / "ppd")
+SMALL = ["--set", "world.num_users=24", "--set", "world.mean_pairs_per_user=30"]
+
+
+def ppd(*args, check=True, env=None):
+    full_env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **(env or {})}
+    full_env.pop("PREFECT_API_URL", None)
+    proc = subprocess.run([PPD, *args], capture_output=True, text=True, cwd=REPO, env=full_env, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"ppd {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
+        )
+    return proc
+
+
+def run_json(*args):
+    return {s["name"]: s for s in json.loads(ppd("run", *args, "--json").stdout)["stages"]}
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["config"], ["config", "show"], ["config", "reference"]])
+def test_help_for_every_command(command):
+    proc = ppd(*command, "--help")
+    assert "Usage" in proc.stdout and "--help" in proc.stdout
+
+
+def test_run_help_lists_contract_options():
+    text = ppd("run", "--help").stdout
+    for option in ("--config", "--root", "--source", "--stages", "--set", "--json"):
+        assert option in text
+
+
+def test_config_show_resolves_overrides():
+    text = ppd("config", "show", "--set", "fewshot.seed=7", env={"PPD_WORLD__NUM_USERS": "33"}).stdout
+    assert "seed: 7" in text and "num_users: 33" in text
+    shown = json.loads(ppd("config", "show", "--json", "--config", "configs/pickapic_cascade.yaml").stdout)
+    assert shown["fewshot"]["unseen_fraction"] == 0.1
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["config", "show", "--set", "fewshot.sheds=1"], "fewshot.sheds: unknown key"),
+        (["config", "show", "--set", "world.num_users=lots"], "world.num_users"),
+        (["config", "show", "--config", "nope.yaml"], "config file not found"),
+        (["run", "--stages", "ingest,teleport"], "unknown stage"),
+        (["run", "--source", "/nonexistent/pickapic", "--stages", "ingest"], "/nonexistent/pickapic"),
+    ],
+)
+def test_user_mistakes_are_clear_errors(args, needle, tmp_path):
+    proc = ppd(*args, "--root", str(tmp_path), check=False) if args[0] == "run" else ppd(*args, check=False)
+    assert proc.returncode == 2
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_readme_config_table_is_current():
+    readme = (REPO / "README.md").read_text()
+    assert reference_markdown() in readme
+    first = [line for line in readme.splitlines() if line.startswith("make ")][:2]
+    assert [line.split()[:2] for line in first] == [["make", "demo"], ["make", "test"]]
+
+
+def test_data_flow_caches_and_recomputes_only_what_changed(tmp_path):
+    root = str(tmp_path / "run")
+    first = run_json("--root", root, *SMALL)
+    assert list(first) == ["synthesize", "ingest", "fewshot"]
+    assert not any(s["cached"] for s in first.values())
+    for s in first.values():
+        assert Path(s["output_dir"], "manifest.json").is_file()
+        assert Path(s["output_dir"]).parent == Path(root, s["name"])
+    ingest = first["ingest"]["counts"]
+    assert ingest["input_rows"] == ingest["kept_rows"] + ingest["quarantined"] > 0
+
+    second = run_json("--root", root, *SMALL)
+    assert all(s["cached"] for s in second.values())
+    assert {k: v["output_dir"] for k, v in second.items()} == {k: v["output_dir"] for k, v in first.items()}
+
+    shutil.rmtree(first["fewshot"]["output_dir"])
+    third = run_json("--root", root, *SMALL)
+    assert [k for k, v in third.items() if not v["cached"]] == ["fewshot"]
+    assert third["fewshot"]["counts"] == first["fewshot"]["counts"]
+
+    # a changed fewshot seed recomputes fewshot only, into a new directory
+    fourth = run_json("--root", root, *SMALL, "--set", "fewshot.seed=1", "--stages", "fewshot")
+    assert [k for k, v in fourth.items() if not v["cached"]] == ["fewshot"]
+    assert fourth["fewshot"]["output_dir"] != first["fewshot"]["output_dir"]
+
+
+def test_real_pickapic_source_ingests_and_caches(tmp_path):
+    from ppd_core.config import load_config
+    from ppd_core.pipeline import run_stages
+
+    cfg = load_config(None, ["world.num_users=12", f"run.root={tmp_path / 'world'}"], environ={})
+    source = run_stages(cfg, ["synthesize"])["synthesize"].directory / "data"
+    copy = tmp_path / "pickapic"
+    shutil.copytree(source, copy)
+    root = str(tmp_path / "run")
+    first = run_json("--root", root, "--source", str(copy), "--stages", "ingest,fewshot")
+    assert list(first) == ["ingest", "fewshot"] and not any(s["cached"] for s in first.values())
+    second = run_json("--root", root, "--source", str(copy), "--stages", "ingest,fewshot")
+    assert all(s["cached"] for s in second.values())
