@@ -67,6 +67,22 @@ class QuirkRates(Section):
         description="Rows with empty or undecodable image bytes (off by default; tests turn it on).",
     )
 
+    @model_validator(mode="after")
+    def _check_total(self) -> QuirkRates:
+        total = (
+            self.tie
+            + self.unlabeled
+            + self.identical
+            + self.missing_caption
+            + self.duplicate
+            + self.bad_image
+        )
+        if total > 1:
+            raise ValueError(
+                f"quirk rates add up to {total:.3f}; a row carries at most one quirk, so at most 1"
+            )
+        return self
+
 
 class WorldConfig(Section):
     """The embedded synthetic preference world (DESIGN.md section 4; reference/TOY_WORLD.md)."""

@@ -40,6 +40,7 @@ def test_precedence_defaults_file_env_overrides(tmp_path):
         (["fewshot.unseen_fraction=1.5"], "fewshot.unseen_fraction"),
         (["ingest.images=sometimes"], "ingest.images"),
         (["world.shift_min=5"], "shift_min must be <= shift_max"),
+        (["world.quirks.tie=0.7", "world.quirks.unlabeled=0.5"], "quirk rates add up to 1.2"),
     ],
 )
 def test_errors_name_the_key(overrides, needle):
