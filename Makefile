@@ -9,7 +9,7 @@ STAMP := $(VENV)/.ppd-installed
 export DS_ACCELERATOR ?= cpu
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: setup demo test test-slow lint bench clean
+.PHONY: setup demo test test-slow lint bench docs clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ test-slow: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_ingest.py
+
+docs: setup
+	$(BIN)/ppd config reference --write README.md
 
 clean:
 	rm -rf runs .pytest_cache

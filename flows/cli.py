@@ -186,11 +186,29 @@ def config_show(
 
 
 @config_app.command("reference")
-def config_reference() -> None:
+def config_reference(
+    write: Annotated[
+        Path | None,
+        typer.Option(
+            "--write", help="Replace the table between the config-reference markers of this Markdown file."
+        ),
+    ] = None,
+) -> None:
     """Print a Markdown table of every config key, its default and meaning (the README's table)."""
     from ppd_core.config import reference_markdown
 
-    sys.stdout.write(reference_markdown() + "\n")
+    table = reference_markdown()
+    if write is None:
+        sys.stdout.write(table + "\n")
+        return
+    text = write.read_text()
+    start, end = "<!-- config-reference:start", "<!-- config-reference:end -->"
+    if start not in text or end not in text:
+        _fail(PPDError(f"{write}: no config-reference markers"))
+    head, rest = text.split(start, 1)
+    marker_line, _ = rest.split("\n", 1)
+    tail = rest.split(end, 1)[1]
+    write.write_text(f"{head}{start}{marker_line}\n{table}\n{end}{tail}")
 
 
 def main() -> None:  # pragma: no cover - console entry

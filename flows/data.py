@@ -1,4 +1,4 @@
-"""The data flow: synthesize (toy) -> ingest -> fewshot, each a cached Prefect task.
+"""The data flow: synthesize (toy) -> ingest -> fewshot -> [tiny_models] -> embed -> probe, each a cached Prefect task.
 
 A stage is a cache hit when Prefect holds a record for its fingerprint *and* its output directory
 verifies against its manifest; a missing or tampered directory forces a refresh of that stage only.
@@ -14,11 +14,21 @@ from prefect import flow, get_run_logger
 from ppd_core import pipeline
 from ppd_core.config import PPDConfig
 from ppd_core.manifest import is_complete, load_manifest
+from tasks.embed import embed_task
 from tasks.fewshot import fewshot_task
 from tasks.ingest import ingest_task
+from tasks.probe import probe_task
 from tasks.synthesize import synthesize_task
+from tasks.tiny_models import tiny_models_task
 
-STAGE_TASKS = {"synthesize": synthesize_task, "ingest": ingest_task, "fewshot": fewshot_task}
+STAGE_TASKS = {
+    "synthesize": synthesize_task,
+    "ingest": ingest_task,
+    "fewshot": fewshot_task,
+    "tiny_models": tiny_models_task,
+    "embed": embed_task,
+    "probe": probe_task,
+}
 
 
 @flow(name="ppd-data", retries=0, validate_parameters=True)

@@ -194,6 +194,105 @@ class FewshotConfig(Section):
     )
 
 
+class EmbedderSpec(Section):
+    """One embedder of the `embed` stage."""
+
+    name: str = Field(description="Unique label, used in tables and as the key of its embedding shards.")
+    kind: Literal["vlm", "clip_diff", "true_preference", "true_attribute_diff"] = Field(
+        description="vlm: a transformers image-text-to-text model (the paper's); clip_diff: open_clip mean(preferred - "
+        "dispreferred) image features; true_*: the synthetic world's references (toy runs only)."
+    )
+    model: str | None = Field(
+        None,
+        description="Hub id or local directory (open_clip: a model name, 'local-dir:DIR' or a directory). "
+        "None: the tiny offline default built once per run root by the tiny_models stage.",
+    )
+    readout: Literal["generate", "prefill", "image_diff"] = Field(
+        "image_diff",
+        description="vlm only. generate: greedy decoding, hidden states at the last generated token (paper); "
+        "prefill: hidden states at the last prompt token (no decoding); image_diff: each image's tokens pooled, "
+        "preferred minus dispreferred, averaged over the shots.",
+    )
+    layers: tuple[int, ...] | None = Field(
+        None,
+        description="vlm only: hidden-state rows to keep (0 = embeddings, -1 = last layer); None keeps all.",
+    )
+    layer_pooling: Literal["none", "mean"] = Field(
+        "none", description="vlm only: keep the selected rows as a sequence (none) or average them (mean)."
+    )
+    max_new_tokens: int = Field(
+        64, ge=1, description="vlm generate: token budget of the greedy profile (paper: 1024 on a 7B model)."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Model dtype.")
+
+
+def _default_embedders() -> tuple[EmbedderSpec, ...]:
+    return (
+        EmbedderSpec(name="vlm-image_diff", kind="vlm", readout="image_diff"),
+        EmbedderSpec(name="vlm-prefill", kind="vlm", readout="prefill"),
+        EmbedderSpec(name="vlm-generate", kind="vlm", readout="generate", max_new_tokens=16),
+        EmbedderSpec(name="clip-diff", kind="clip_diff"),
+        EmbedderSpec(name="true-preference", kind="true_preference"),
+        EmbedderSpec(name="true-attribute-diff", kind="true_attribute_diff"),
+    )
+
+
+class TinyModelsConfig(Section):
+    """The tiny offline default models (random weights, built from configs, saved and reloaded like real ones)."""
+
+    seed: int = Field(0, description="Seed of the tiny models' weights and tokenizer training.")
+    vlm_image_size: int = Field(64, ge=16, description="Tiny VLM vision input side (pixels).")
+    vlm_patch_size: int = Field(16, ge=2, description="Tiny VLM vision patch side.")
+    vlm_hidden: int = Field(128, ge=16, description="Tiny VLM language model width.")
+    vlm_layers: int = Field(2, ge=1, description="Tiny VLM language model layers.")
+    vlm_vocab: int = Field(600, ge=300, description="Byte-level BPE vocabulary size of the tiny tokenizer.")
+    clip_image_size: int = Field(64, ge=16, description="Tiny open_clip image side.")
+    clip_embed_dim: int = Field(64, ge=8, description="Tiny open_clip embedding width.")
+
+
+class EmbedConfig(Section):
+    """The `embed` stage: user preference embeddings for every shot set, one shard series per embedder."""
+
+    embedders: tuple[EmbedderSpec, ...] = Field(
+        default_factory=_default_embedders, description="Embedders to run; each writes its own shards."
+    )
+    default: str = Field("vlm-image_diff", description="The embedder whose vectors condition training.")
+    batch_size: int = volatile(16, "Shot sets per forward batch.", ge=1)
+    shard_sets: int = volatile(256, "Shot sets per output shard (a shard completes atomically).", ge=1)
+    device: str = volatile("auto", "Torch device: auto (cuda when available), cpu, cuda, cuda:1, ...")
+
+    @model_validator(mode="after")
+    def _check_names(self) -> EmbedConfig:
+        names = [e.name for e in self.embedders]
+        if len(set(names)) != len(names):
+            raise ValueError(f"embedder names must be unique, got {names}")
+        if self.default not in names:
+            raise ValueError(f"default embedder {self.default!r} is not among {names}")
+        return self
+
+
+class ProbeConfig(Section):
+    """The `probe` stage: user identification from frozen embeddings (paper's MLP) vs nearest centroid and chance."""
+
+    seed: int = Field(0, description="Seed of the probe's initialisation and batches.")
+    hidden: int = Field(512, ge=1, description="MLP width (paper: 512).")
+    blocks: int = Field(4, ge=0, description="Residual blocks (paper: 4).")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout in the residual blocks.")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate.")
+    weight_decay: float = Field(1e-4, ge=0, description="Adam weight decay.")
+    epochs: int = Field(30, ge=1, description="Training epochs (paper: 10 on far more data).")
+    batch_size: int = Field(64, ge=1, description="Batch size.")
+    test_sets_per_user: int = Field(
+        1, ge=1, description="Held-out shot sets per seen user (the rest train the probe)."
+    )
+    topk: tuple[int, ...] = Field((1, 4, 16), description="Top-k accuracies to report.")
+    rows: Literal["all", "last"] = Field(
+        "all",
+        description="Multi-row embeddings (VLM hidden states): probe all rows flattened, or only the last row "
+        "(the paper's probe reads emb[-1]; use it for large VLMs).",
+    )
+
+
 class PPDConfig(Section):
     """The whole pipeline's configuration."""
 
@@ -204,6 +303,11 @@ class PPDConfig(Section):
     )
     ingest: IngestConfig = Field(default_factory=IngestConfig, description="Ingestion.")
     fewshot: FewshotConfig = Field(default_factory=FewshotConfig, description="Few-shot sampling.")
+    tiny_models: TinyModelsConfig = Field(
+        default_factory=TinyModelsConfig, description="Tiny offline default models."
+    )
+    embed: EmbedConfig = Field(default_factory=EmbedConfig, description="User preference embeddings.")
+    probe: ProbeConfig = Field(default_factory=ProbeConfig, description="User-identification probe.")
 
     @model_validator(mode="after")
     def _check_version(self) -> PPDConfig:
@@ -370,8 +474,13 @@ def reference_markdown(model: type[BaseModel] = PPDConfig, prefix: str = "") -> 
                 walk(ann, f"{pre}{name}.")
                 continue
             default = f.get_default(call_default_factory=True)
-            shown = json.dumps(default, default=str)
-            rows.append(f"| `{pre}{name}` | `{shown}` | {f.description or ''} |")
+            if isinstance(default, tuple) and default and isinstance(default[0], BaseModel):
+                names = ", ".join(getattr(d, "name", "?") for d in default)
+                rows.append(f"| `{pre}{name}` | {names} | {f.description or ''} |")
+                walk(type(default[0]), f"{pre}{name}[].")
+                continue
+            shown = "required" if f.is_required() else f"`{json.dumps(default, default=str)}`"
+            rows.append(f"| `{pre}{name}` | {shown} | {f.description or ''} |")
 
     walk(model, prefix)
     return "\n".join(["| key | default | meaning |", "|---|---|---|", *rows])

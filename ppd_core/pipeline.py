@@ -28,10 +28,20 @@ from ppd_core.layout import RunLayout
 from ppd_core.manifest import Manifest, StageOutcome, run_stage
 
 # Bump a stage's version when its code changes what it writes: every output of it (and downstream) is recomputed.
-STAGE_VERSIONS: dict[str, str] = {"synthesize": "1", "ingest": "1", "fewshot": "1"}
+STAGE_VERSIONS: dict[str, str] = {
+    "synthesize": "1",
+    "ingest": "1",
+    "fewshot": "1",
+    "tiny_models": "1",
+    "embed": "1",
+    "probe": "1",
+}
 STAGE_ORDER: tuple[str, ...] = tuple(STAGE_VERSIONS)
 
 Progress = Callable[[int, int], None]
+MapFn = Callable[[Callable, Sequence], Iterable]
+# stages whose partial directory survives a crash (their shards complete atomically)
+RESUMABLE = frozenset({"embed"})
 
 
 def upstream_of(stage: str, cfg: PPDConfig) -> tuple[str, ...]:
@@ -40,16 +50,26 @@ def upstream_of(stage: str, cfg: PPDConfig) -> tuple[str, ...]:
         return () if cfg.ingest.source else ("synthesize",)
     if stage == "fewshot":
         return ("ingest",)
+    world = () if cfg.ingest.source else ("synthesize",)
+    if stage == "embed":
+        from ppd_core.embed.extract import needs_tiny_models, needs_world
+
+        tiny = ("tiny_models",) if needs_tiny_models(cfg.embed) else ()
+        return ("fewshot", "ingest", *tiny, *(world if needs_world(cfg.embed) else ()))
+    if stage == "probe":
+        return ("embed", "fewshot", *world)
     return ()
 
 
 def default_stages(cfg: PPDConfig) -> list[str]:
-    return [s for s in STAGE_ORDER if not (s == "synthesize" and cfg.ingest.source)]
+    return expand(["probe"], cfg)
 
 
 def expand(stages: Iterable[str] | None, cfg: PPDConfig) -> list[str]:
     """The requested stages plus everything upstream of them, in pipeline order."""
-    requested = list(stages) if stages else default_stages(cfg)
+    if not stages:
+        return default_stages(cfg)
+    requested = list(stages)
     unknown = [s for s in requested if s not in STAGE_VERSIONS]
     if unknown:
         raise StageError(f"unknown stage(s) {', '.join(unknown)}; stages are: {', '.join(STAGE_ORDER)}")
@@ -71,7 +91,7 @@ def expand(stages: Iterable[str] | None, cfg: PPDConfig) -> list[str]:
 
 
 def _section(cfg: PPDConfig, stage: str) -> BaseModel:
-    return {"synthesize": cfg.world, "ingest": cfg.ingest, "fewshot": cfg.fewshot}[stage]
+    return getattr(cfg, {"synthesize": "world"}.get(stage, stage))
 
 
 @dataclass(frozen=True)
@@ -103,7 +123,13 @@ def plan(cfg: PPDConfig, stage: str, upstream: Mapping[str, Manifest]) -> StageP
     return StagePlan(stage, fp, RunLayout(cfg.run.root).stage_dir(stage, fp), digests, inputs)
 
 
-def _build(cfg: PPDConfig, p: StagePlan, upstream: Mapping[str, Manifest], progress: Progress | None):
+def _build(
+    cfg: PPDConfig,
+    p: StagePlan,
+    upstream: Mapping[str, Manifest],
+    progress: Progress | None,
+    map_fn: MapFn | None,
+):
     """The stage body as ``partial_dir -> counts``."""
     layout = RunLayout(cfg.run.root)
     if p.stage == "synthesize":
@@ -125,7 +151,25 @@ def _build(cfg: PPDConfig, p: StagePlan, upstream: Mapping[str, Manifest], progr
 
         ing = upstream["ingest"]
         return lambda out: sample_fewshot(cfg.fewshot, layout.stage_dir("ingest", ing.fingerprint), out)
+    if p.stage == "tiny_models":
+        from ppd_core.embed.tiny_models import build_tiny_models
+
+        return lambda out: build_tiny_models(cfg.tiny_models, out)
+    dirs = {u: layout.stage_dir(u, m.fingerprint) for u, m in upstream.items()}
+    if p.stage == "embed":
+        from ppd_core.embed.extract import EmbedInputs, embed_stage
+
+        inputs = EmbedInputs(dirs["fewshot"], dirs["ingest"], dirs.get("tiny_models"), _world(dirs))
+        return lambda out: embed_stage(cfg.embed, inputs, out, map_fn=map_fn, progress=progress)
+    if p.stage == "probe":
+        from ppd_core.embed.probe_stage import probe_stage
+
+        return lambda out: probe_stage(cfg.probe, dirs["embed"], dirs["fewshot"], _world(dirs), out)
     raise StageError(f"no body for stage {p.stage}")
+
+
+def _world(dirs: Mapping[str, Path]) -> Path | None:
+    return dirs["synthesize"] / "world" if "synthesize" in dirs else None
 
 
 def execute(
@@ -133,16 +177,18 @@ def execute(
     p: StagePlan,
     upstream: Mapping[str, Manifest],
     progress: Progress | None = None,
+    map_fn: MapFn | None = None,
 ) -> StageOutcome:
-    """Run (or reuse) one planned stage."""
+    """Run (or reuse) one planned stage. ``map_fn(fn, items)`` lets an orchestrator fan out shard work."""
     return run_stage(
         RunLayout(cfg.run.root),
         p.stage,
         p.fingerprint,
-        _build(cfg, p, upstream, progress),
+        _build(cfg, p, upstream, progress, map_fn),
         code_version=STAGE_VERSIONS[p.stage],
         config=cfg.model_dump(mode="json"),
         upstream=p.upstream,
+        resume=p.stage in RESUMABLE,
     )
 
 

@@ -52,7 +52,12 @@ def progress_reporter(description: str, every: float = 0.02):
 
 
 def run_stage_body(
-    config: PPDConfig, stage: str, fingerprint: str, upstream_dirs: dict[str, str], progress=None
+    config: PPDConfig,
+    stage: str,
+    fingerprint: str,
+    upstream_dirs: dict[str, str],
+    progress=None,
+    map_fn=None,
 ) -> dict[str, Any]:
     """Plan and execute one stage; returns a small JSON-able summary (persisted as the task result)."""
     manifests = {}
@@ -67,7 +72,7 @@ def run_stage_body(
             f"{stage}: fingerprint changed between planning and running ({fingerprint} -> {p.fingerprint})"
         )
     t0 = time.perf_counter()
-    outcome = pipeline.execute(config, p, manifests, progress=progress)
+    outcome = pipeline.execute(config, p, manifests, progress=progress, map_fn=map_fn)
     return {
         "stage": stage,
         "directory": str(outcome.directory),

@@ -76,7 +76,7 @@ def test_readme_config_table_is_current():
 def test_data_flow_caches_and_recomputes_only_what_changed(tmp_path):
     root = str(tmp_path / "run")
     first = run_json("--root", root, *SMALL)
-    assert list(first) == ["synthesize", "ingest", "fewshot"]
+    assert list(first) == ["synthesize", "ingest", "fewshot", "tiny_models", "embed", "probe"]
     assert not any(s["cached"] for s in first.values())
     for s in first.values():
         assert Path(s["output_dir"], "manifest.json").is_file()
@@ -110,5 +110,9 @@ def test_real_pickapic_source_ingests_and_caches(tmp_path):
     root = str(tmp_path / "run")
     first = run_json("--root", root, "--source", str(copy), "--stages", "ingest,fewshot")
     assert list(first) == ["ingest", "fewshot"] and not any(s["cached"] for s in first.values())
+    assert (
+        first["ingest"]["counts"]["input_rows"]
+        == first["ingest"]["counts"]["kept_rows"] + first["ingest"]["counts"]["quarantined"]
+    )
     second = run_json("--root", root, "--source", str(copy), "--stages", "ingest,fewshot")
     assert all(s["cached"] for s in second.values())

@@ -76,7 +76,8 @@ META_COLUMNS = tuple(n for n in PICKAPIC_V2_METADATA.names if n != "__index_leve
 PAIR_ID_HEX = 20  # 80-bit content id
 _ROW_GROUP_ROWS = 65_536  # most rows per Parquet row group in pairs/ and quarantine/
 _BUFFER_BYTES = 4 << 20  # most Arrow bytes buffered across partitions before the largest is flushed
-_MAX_OPEN_WRITERS = 64  # open partition files; the least recently used is finished beyond this
+_MAX_OPEN_WRITERS = 32  # open partition files; the least recently used is finished beyond this
+_COMPACT_PIECES = 32  # a partition's buffered tables are merged into one at this count
 
 Progress = Callable[[int, int], None]
 
@@ -94,8 +95,11 @@ class _PartitionedWriter:
     continuing in its next part file.
     """
 
-    def __init__(self, root: Path, schema: pa.Schema, rows_per_file: int):
+    def __init__(self, root: Path, schema: pa.Schema, rows_per_file: int, dictionary: list[str]):
         self.root, self.schema, self.rows_per_file = root, schema, rows_per_file
+        # dictionary-encode only low-cardinality columns: an open writer keeps its dictionary
+        # encoders' memory (~half a row group's bytes), pointless for unique ids and captions
+        self.dictionary = dictionary
         root.mkdir(parents=True, exist_ok=True)
         self.rows: dict[str, int] = {}  # partition -> rows written
         self._buffers: dict[str, list[pa.Table]] = {}
@@ -108,7 +112,11 @@ class _PartitionedWriter:
         if table.num_rows == 0:
             return
         self.rows[key] = self.rows.get(key, 0) + table.num_rows
-        self._buffers.setdefault(key, []).append(table)
+        pieces = self._buffers.setdefault(key, [])
+        pieces.append(table)
+        if len(pieces) >= _COMPACT_PIECES:
+            # many small tables cost far more than their nbytes (per-buffer allocation and padding)
+            pieces[:] = [pa.concat_tables(pieces).combine_chunks()]
         self._buffered[key] = self._buffered.get(key, 0) + table.num_rows
         self._bytes[key] = self._bytes.get(key, 0) + table.nbytes
         if self._buffered[key] >= _ROW_GROUP_ROWS:
@@ -139,7 +147,12 @@ class _PartitionedWriter:
         directory = self.root / key if key else self.root
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"part-{part:05d}.parquet"
-        writer = pq.ParquetWriter(path.with_name(path.name + ".tmp"), self.schema, compression="zstd")
+        writer = pq.ParquetWriter(
+            path.with_name(path.name + ".tmp"),
+            self.schema,
+            compression="zstd",
+            use_dictionary=self.dictionary,
+        )
         self._writers[key] = (writer, path, 0)
         return self._writers[key]
 
@@ -369,8 +382,15 @@ class _Ingestor:
         self.cfg, self.images = cfg, images
         self.columns = META_COLUMNS + (IMAGE_COLUMNS if images else ())
         self.formats = accepted_formats(cfg)
-        self.pairs = _PartitionedWriter(out_dir / "pairs", PAIRS, cfg.pairs_rows_per_file)
-        self.quarantine = _PartitionedWriter(out_dir / "quarantine", QUARANTINE, 2**62)
+        self.pairs = _PartitionedWriter(
+            out_dir / "pairs",
+            PAIRS,
+            cfg.pairs_rows_per_file,
+            ["user_id", "winner_model", "loser_model", "source_file"],
+        )
+        self.quarantine = _PartitionedWriter(
+            out_dir / "quarantine", QUARANTINE, 2**62, ["source_file", "reason"]
+        )
         self.image_writer = ImageShardWriter(out_dir / "images", cfg.shard_max_images) if images else None
         self.row_digests = DigestSet()
         self.pair_digests = DigestSet()

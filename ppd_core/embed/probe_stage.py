@@ -1,0 +1,84 @@
+"""The `probe` stage: how much of a user each embedder captures, side by side.
+
+For every embedder of the `embed` output: user identification on held-out shot sets of seen users
+(the paper's MLP, a nearest-centroid baseline, chance) and, on the synthetic world, archetype
+accuracy for unseen users from centroids of seen users. The reference embedders (true preference,
+true attribute differences of the 4 shots) sit in the same table as the ceiling.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ppd_core.config import ProbeConfig
+from ppd_core.embed.extract import read_embeddings
+from ppd_core.embed.probe import run_probe
+from ppd_core.manifest import atomic_write_bytes, load_manifest
+
+PROBE_SCHEMA = pa.schema(
+    [
+        ("embedder", pa.string()),
+        ("kind", pa.string()),
+        ("task", pa.string()),
+        ("method", pa.string()),
+        ("k", pa.int32()),
+        ("accuracy", pa.float64()),
+        ("n_test", pa.int64()),
+        ("n_classes", pa.int64()),
+    ]
+)
+
+
+def _archetypes(world_dir: Path | None) -> dict[int, int] | None:
+    if world_dir is None:
+        return None
+    users = pq.read_table(world_dir / "users.parquet", columns=["user_id", "archetype"]).to_pylist()
+    return {int(u["user_id"]): int(u["archetype"]) for u in users}
+
+
+def probe_stage(
+    cfg: ProbeConfig, embed_dir: Path, fewshot_dir: Path, world_dir: Path | None, out_dir: Path
+) -> dict:
+    manifest = load_manifest(embed_dir)
+    embedders = manifest.counts["embedders"] if manifest else {}
+    archetypes = _archetypes(world_dir)
+    rows: list[dict] = []
+    for name, info in embedders.items():
+        table, emb = read_embeddings(embed_dir, name)
+        if cfg.rows == "last" and emb.ndim == 3:
+            emb = emb[:, -1]  # (N, hidden): the last hidden-state row, as the paper's probe
+        unseen = np.asarray(table.column("split").to_pylist()) == "unseen"
+        results = run_probe(
+            emb,
+            np.asarray(table.column("user_id").to_pylist(), dtype=np.int64),
+            np.asarray(table.column("set_index").to_pylist(), dtype=np.int64),
+            cfg,
+            archetypes=archetypes,
+            unseen_mask=unseen,
+        )
+        kind = str(info.get("identity", {}).get("kind", ""))
+        rows += [
+            {"embedder": name, "kind": kind, **{k: r[k] for k in PROBE_SCHEMA.names[2:]}} for r in results
+        ]
+    table = pa.Table.from_pylist(rows, schema=PROBE_SCHEMA)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    atomic_write_bytes(out_dir / "probe.parquet", sink.getvalue().to_pybytes())
+    summary = summarize(rows)
+    atomic_write_bytes(out_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    return {"rows": len(rows), "embedders": len(embedders), "summary": summary}
+
+
+def summarize(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """{embedder: {"<task>/<method>@<k>": accuracy}}: the compact view shown in manifests and artifacts."""
+    out: dict[str, dict[str, float]] = {}
+    for r in rows:
+        out.setdefault(r["embedder"], {})[f"{r['task']}/{r['method']}@{r['k']}"] = round(
+            float(r["accuracy"]), 4
+        )
+    return out

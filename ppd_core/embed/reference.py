@@ -1,0 +1,108 @@
+"""The synthetic world's reference embedders: the answer and the information limit (toy runs only).
+
+``TruePreferenceEmbedder`` returns the user's true unit preference vector, whatever the shots
+show (the upper bound of any embedding). ``TrueAttributeDiffEmbedder`` returns the mean over
+the shots of z(preferred) - z(dispreferred), the measured style attributes of the pixels: all
+that K pairs can reveal (reference/TOY_WORLD.md, "the information limit").
+
+Both identities carry the sha256 of the world's ``world.json``, so vectors of one world are never
+reused for another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ppd_core.data.world_render import ATTRIBUTES, WORLD_DIR, SyntheticWorld
+from ppd_core.embed.base import Embedder, EmbedOutput, ShotSet
+
+WORLD_FILE = "world.json"
+
+
+def world_digest(world_dir: Path) -> str:
+    """sha256 of ``world_dir/world.json`` (the world's stats, archetypes and generating config)."""
+    return hashlib.sha256((Path(world_dir) / WORLD_FILE).read_bytes()).hexdigest()
+
+
+def _digest_of(world: SyntheticWorld) -> str:
+    """The digest the world's saved ``world.json`` has, for a world held only in memory."""
+    with tempfile.TemporaryDirectory() as tmp:
+        world.save(Path(tmp))
+        return world_digest(Path(tmp))
+
+
+def _load(path: str | Path) -> tuple[SyntheticWorld, str]:
+    """``path`` is the synthesize() output dir (holding ``world/``) or that ``world/`` dir itself."""
+    path = Path(path)
+    root = path.parent if (path / WORLD_FILE).is_file() else path
+    world = SyntheticWorld.load(root)
+    return world, world_digest(root / WORLD_DIR)
+
+
+def _as_uint8(image: Image.Image) -> np.ndarray:
+    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
+
+
+class _WorldEmbedder(Embedder):
+    kind = ""
+
+    def __init__(self, world: SyntheticWorld, digest: str | None = None):
+        self.world = world
+        self.digest = digest or _digest_of(world)
+
+    @classmethod
+    def from_world_dir(cls, path: str | Path) -> _WorldEmbedder:
+        world, digest = _load(path)
+        return cls(world, digest)
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return (len(ATTRIBUTES),)
+
+    def identity(self) -> dict:
+        return {
+            "kind": self.kind,
+            "model_id": f"synthetic-world:{self.kind}",
+            "weights_digest": self.digest,
+            "attributes": list(ATTRIBUTES),
+        }
+
+    def embed(self, batch: Sequence[ShotSet]) -> EmbedOutput:
+        if not batch:
+            raise ValueError("embed() needs at least one shot set")
+        vectors = np.stack([self._vector(s) for s in batch]).astype(np.float32)  # (B, A)
+        return EmbedOutput(embeddings=torch.from_numpy(vectors))
+
+    def _vector(self, shot_set: ShotSet) -> np.ndarray:
+        raise NotImplementedError
+
+
+class TruePreferenceEmbedder(_WorldEmbedder):
+    """The user's true unit preference vector over the world's attributes, (A,)."""
+
+    name = "true-preference"
+    kind = "true_preference"
+
+    def _vector(self, shot_set: ShotSet) -> np.ndarray:
+        return self.world.true_preference(shot_set.user_id)
+
+
+class TrueAttributeDiffEmbedder(_WorldEmbedder):
+    """Mean over the shots of the z-scored attributes of preferred minus dispreferred pixels, (A,)."""
+
+    name = "true-attribute-diff"
+    kind = "true_attribute_diff"
+
+    def _vector(self, shot_set: ShotSet) -> np.ndarray:
+        if not shot_set.shots:
+            raise ValueError(f"shot set {shot_set.shot_set_id} has no shots")
+        winners = np.stack([_as_uint8(s.preferred) for s in shot_set.shots])  # (K, H, W, 3)
+        losers = np.stack([_as_uint8(s.dispreferred) for s in shot_set.shots])
+        return self.world.shot_attribute_difference(winners, losers)

@@ -1,0 +1,23 @@
+"""The `tiny_models` stage: the offline default VLM and open_clip model, built once per run root.
+
+Random weights from small configs (no download), saved with ``save_pretrained`` / open_clip's
+local-dir layout and later loaded back through the same ``from_pretrained`` /
+``create_model_and_transforms`` path a real checkpoint takes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ppd_core.config import TinyModelsConfig
+from ppd_core.data.world_render import CAPTIONS
+
+
+def build_tiny_models(cfg: TinyModelsConfig, out_dir: Path) -> dict:
+    from ppd_core.embed.clip import build_tiny_open_clip
+    from ppd_core.embed.tiny_vlm import build_tiny_vlm
+
+    build_tiny_vlm(out_dir / "vlm", cfg, corpus=CAPTIONS)
+    build_tiny_open_clip(out_dir / "open_clip", cfg)
+    files = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file())
+    return {"models": ["vlm", "open_clip"], "files": len(files)}
