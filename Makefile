@@ -38,6 +38,7 @@ test-slow: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_ingest.py
+	$(BIN)/python benchmarks/bench_embed.py
 
 docs: setup
 	$(BIN)/ppd config reference --write README.md
