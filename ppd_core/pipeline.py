@@ -207,4 +207,5 @@ def preflight(cfg: PPDConfig) -> None:
         from ppd_core.data.pickapic import check_schema, open_parquet, resolve_source
 
         for f in resolve_source(cfg.ingest.source):
-            check_schema(open_parquet(f).schema_arrow, f.url, cfg.ingest.images)
+            with open_parquet(f) as pf:
+                check_schema(pf.schema_arrow, f.url, cfg.ingest.images)

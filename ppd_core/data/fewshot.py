@@ -50,7 +50,6 @@ from ppd_core.config import FewshotConfig
 from ppd_core.errors import SchemaError, StageError
 from ppd_core.manifest import atomic_write_bytes
 
-CODE_VERSION = "1"  # bump when the same input and config would give different tables
 SEEN, UNSEEN, EXCLUDED = "seen", "unseen", "excluded"
 TOO_FEW_PAIRS = "too_few_pairs"  # fewer than min_pairs_per_user
 TOO_FEW_PAIRS_SEEN = "too_few_pairs_seen"  # seen, but no shot set or no conditioned training pair

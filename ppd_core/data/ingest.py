@@ -13,9 +13,11 @@ row number, not data, and is left out). ``duplicate_pair`` (a second row with th
 i.e. the same user, caption, time, image pair and ranking, but differing elsewhere, for instance
 in its labels) keeps ``pair_id`` unique in ``pairs/``.
 
-Memory is bounded by one Arrow batch, the pair rows buffered for row groups (``_BUFFER_BYTES``),
-and the cross-file dedupe sets: one 64-bit digest per row checked, per image written and per pair
-kept, ~8 bytes each (:class:`~ppd_core.data.images.DigestSet`).
+Memory is bounded by one Arrow batch (one Parquet row group read), the pair rows buffered for
+row groups (``_BUFFER_BYTES`` per table), at most ``_MAX_OPEN_WRITERS`` open partition files, and
+the cross-file dedupe sets: one 64-bit digest per row checked, per image written and per pair kept,
+~8 bytes each (:class:`~ppd_core.data.images.DigestSet`). The images of an image uid seen again
+are not re-checked or re-written: the first bytes seen for a uid are the ones stored.
 
 Output (inside ``out_dir``)::
 
@@ -60,7 +62,6 @@ from ppd_core.schemas import (
     QUARANTINE,
 )
 
-CODE_VERSION = "1"
 ROW_REASONS = (
     "unlabeled",
     "tie",

@@ -131,7 +131,7 @@ def open_parquet(file: SourceFile) -> pq.ParquetFile:
     """Open ``file`` for streaming; a truncated or non-Parquet file raises InputError naming it."""
     try:
         if file.is_local:  # Arrow's native reader: fsspec's local wrapper reads through Python
-            return pq.ParquetFile(file.path, pre_buffer=False)
+            return pq.ParquetFile(file.path)
         return pq.ParquetFile(file.path, filesystem=file.fs, pre_buffer=True)
     except (pa.ArrowException, OSError, ValueError) as e:
         raise InputError(f"{file.url}: not a readable Parquet file ({e})") from e
