@@ -132,3 +132,22 @@ WORLD_USERS = pa.schema(
         ("weights", pa.list_(pa.float32())),  # preference weights over ATTRIBUTES, unit norm
     ]
 )
+
+# probe: one row per (embedder, task, method, k)
+PROBE = pa.schema(
+    [
+        ("embedder", pa.string()),
+        ("kind", pa.string()),
+        ("task", pa.string()),
+        ("method", pa.string()),
+        ("k", pa.int32()),
+        ("accuracy", pa.float64()),
+        ("n_test", pa.int64()),
+        ("n_classes", pa.int64()),
+    ]
+)
+
+
+# embed: ``<embed_dir>/<embedder>/shard-*.parquet`` has a width that depends on the embedder, so its
+# schema is built by ppd_core.embed.extract.shard_schema (fixed-size list<float32> "embedding" with
+# "embedding_shape", "embedding_dtype" and "embedder_identity" in the schema metadata).

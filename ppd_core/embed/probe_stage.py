@@ -19,19 +19,7 @@ from ppd_core.config import ProbeConfig
 from ppd_core.embed.extract import read_embeddings
 from ppd_core.embed.probe import run_probe
 from ppd_core.manifest import atomic_write_bytes, load_manifest
-
-PROBE_SCHEMA = pa.schema(
-    [
-        ("embedder", pa.string()),
-        ("kind", pa.string()),
-        ("task", pa.string()),
-        ("method", pa.string()),
-        ("k", pa.int32()),
-        ("accuracy", pa.float64()),
-        ("n_test", pa.int64()),
-        ("n_classes", pa.int64()),
-    ]
-)
+from ppd_core.schemas import PROBE as PROBE_SCHEMA
 
 
 def _archetypes(world_dir: Path | None) -> dict[int, int] | None:

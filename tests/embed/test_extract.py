@@ -107,3 +107,21 @@ def test_new_users_compute_only_their_shot_sets(tmp_path):
     rows = [index[sid] for sid in t1.column("shot_set_id").to_pylist()]
     np.testing.assert_array_equal(e2[rows], e1)
     assert set(t2.column("user_id").to_pylist()) - set(t1.column("user_id").to_pylist()) <= set(later)
+
+
+def test_probe_table_reports_every_embedder_beside_chance(tmp_path):
+    from ppd_core.schemas import PROBE
+
+    cfg = _cfg(tmp_path, "probe.epochs=5")
+    probe = pipeline.run_stages(cfg, ["probe"])["probe"]
+    table = pq.read_table(probe.directory / "probe.parquet")
+    assert table.schema.equals(PROBE, check_metadata=False)
+    rows = table.to_pylist()
+    assert {r["embedder"] for r in rows} == {"clip", "truth"}
+    acc = {(r["embedder"], r["task"], r["method"], r["k"]): r["accuracy"] for r in rows}
+    for name in ("clip", "truth"):
+        assert ("clip", "user_id", "mlp", 1) in acc and (name, "user_id", "chance", 16) in acc
+    # the true preference vector identifies the archetype far above chance, even for unseen users
+    chance = acc[("truth", "archetype_unseen", "chance", 1)]
+    assert acc[("truth", "archetype_unseen", "nearest_centroid", 1)] > 3 * chance
+    assert probe.manifest.counts["summary"]["truth"]["user_id/nearest_centroid@1"] > 0.9
