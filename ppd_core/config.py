@@ -293,6 +293,69 @@ class ProbeConfig(Section):
     )
 
 
+class BackboneConfig(Section):
+    """The text-to-image model the user adapter is added to (DESIGN.md section 5)."""
+
+    kind: Literal["toy", "sd", "cascade"] = Field(
+        "toy",
+        description="toy: tiny pixel-space UNet pretrained by the `pretrain` stage; sd: any diffusers Stable "
+        "Diffusion 1.x/2.x/XL checkpoint; cascade: the Stable Cascade prior (the paper's backbone).",
+    )
+    model: str | None = Field(
+        None, description="Hub id or local directory (sd, cascade). toy: None (the pretrain output)."
+    )
+    resolution: int = Field(16, ge=8, description="Training and sampling resolution in pixels.")
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
+        "auto", description="auto: what the checkpoint's scheduler says (the toy backbone uses v_prediction)."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Frozen-weight dtype.")
+
+
+class PretrainConfig(Section):
+    """The `pretrain` stage: the toy backbone trained from scratch on the ingested images (toy runs only)."""
+
+    seed: int = Field(0, description="Seed of initialisation, batches and noise.")
+    steps: int = Field(
+        1000,
+        ge=1,
+        description="Optimizer steps (reference/TOY_WORLD.md: 1000 x 64 gives recognisable shapes).",
+    )
+    batch_size: int = Field(64, ge=1, description="Images per step.")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
+    ema_decay: float = Field(0.999, ge=0, lt=1, description="EMA of the weights; the EMA weights are saved.")
+    caption_dropout: float = Field(
+        0.1, ge=0, lt=1, description="Share of empty captions (enables classifier-free guidance)."
+    )
+    block_out_channels: tuple[int, ...] = Field((32, 64), description="UNet widths per resolution level.")
+    cross_attention_dim: int = Field(
+        64, ge=8, description="Text (and user-token) width seen by cross-attention."
+    )
+    text_layers: int = Field(2, ge=1, description="Tiny CLIP text encoder layers.")
+    num_train_timesteps: int = Field(
+        1000, ge=10, description="Diffusion steps of the noise schedule (cosine)."
+    )
+
+
+class AdapterConfig(Section):
+    """The user adapter: embedding -> N user tokens + decoupled key/value in every cross-attention."""
+
+    num_tokens: int = Field(
+        4,
+        ge=1,
+        description="User tokens (4 matches diffusers' IP-Adapter ImageProjection layout, so SD exports load with load_ip_adapter).",
+    )
+    rows: Literal["all", "last", "mean"] = Field(
+        "all",
+        description="Multi-row embeddings (VLM hidden states): flatten all rows, take the last, or average them.",
+    )
+    scale: float = Field(
+        1.0, ge=0, description="Branch scale during training (lambda in the paper's notation)."
+    )
+    embedding_dropout: float = Field(
+        0.1, ge=0, lt=1, description="Share of training pairs whose user is replaced by the null user."
+    )
+
+
 class PPDConfig(Section):
     """The whole pipeline's configuration."""
 
@@ -308,6 +371,9 @@ class PPDConfig(Section):
     )
     embed: EmbedConfig = Field(default_factory=EmbedConfig, description="User preference embeddings.")
     probe: ProbeConfig = Field(default_factory=ProbeConfig, description="User-identification probe.")
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig, description="Text-to-image backbone.")
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="Toy backbone pretraining.")
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="User adapter.")
 
     @model_validator(mode="after")
     def _check_version(self) -> PPDConfig:

@@ -1,0 +1,1 @@
+"""Backbones (toy, Stable Diffusion family, Stable Cascade) behind one interface, and the user adapter."""
