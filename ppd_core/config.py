@@ -356,6 +356,61 @@ class AdapterConfig(Section):
     )
 
 
+BETA_DPO_DEFAULTS = {"toy": 100.0, "sd": 2500.0, "cascade": 2500.0}
+
+
+class TrainConfig(Section):
+    """The `train` stages: user-conditioned Diffusion-DPO (ppd) and the dpo / sft baselines, through DeepSpeed."""
+
+    trainers: tuple[Literal["ppd", "dpo", "sft"], ...] = Field(
+        ("ppd", "dpo", "sft"),
+        description="ppd: DPO conditioned on each pair's user embedding; dpo: population DPO (same adapter, one constant "
+        "embedding); sft: same adapter and constant embedding, denoising loss on winners only.",
+    )
+    seed: int = Field(0, description="Seed of initialisation, data order, noise and timesteps.")
+    steps: int = Field(300, ge=1, description="Optimizer steps.")
+    pairs_per_step: int = Field(
+        16, ge=1, description="Pairs per optimizer step over all ranks (divisible by the world size)."
+    )
+    lr: float = Field(
+        3e-3,
+        gt=0,
+        description="AdamW learning rate of the adapter (TOY_WORLD.md: 3e-3 with beta 100 at 16 px).",
+    )
+    weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps, then constant.")
+    beta_dpo: float | None = Field(
+        None,
+        description="DPO beta in the folded convention (0.5 x Salesforce's). None: the backbone's default "
+        f"{BETA_DPO_DEFAULTS} (pixel-space MSE differences are far smaller than SD-latent ones).",
+    )
+    zero_stage: Literal[0, 1, 2] = Field(
+        2, description="DeepSpeed ZeRO stage (deploy/deepspeed/zero<stage>.json)."
+    )
+    launcher: Literal["deepspeed", "torchrun"] = Field(
+        "deepspeed", description="Process launcher for the DeepSpeed engine."
+    )
+    num_gpus: int = volatile(1, "Processes per node (GPUs, or CPU ranks with gloo).", ge=1)
+    hostfile: str | None = volatile(None, "DeepSpeed hostfile for several nodes (deploy/hostfile.example).")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Training precision (bf16 on GPUs)."
+    )
+    checkpoint_every: int = volatile(100, "Steps between checkpoints.", ge=1)
+    keep_checkpoints: int = volatile(2, "Complete checkpoints kept (older ones are rotated out).", ge=1)
+    log_every: int = volatile(10, "Steps between metric lines (JSONL and TensorBoard).", ge=1)
+    validate_every: int = volatile(
+        100, "Steps between validation grids and held-out implicit accuracy.", ge=1
+    )
+    validation_users: int = volatile(4, "Users (rows) in validation grids.", ge=1)
+    validation_prompts: int = volatile(4, "Prompts (columns) in validation grids.", ge=1)
+    heldout_pairs: int = volatile(
+        256, "Held-out pairs scored for implicit accuracy at each validation.", ge=1
+    )
+    resume: Literal["latest", "never"] = volatile(
+        "latest", "latest: continue from the newest complete checkpoint."
+    )
+
+
 class PPDConfig(Section):
     """The whole pipeline's configuration."""
 
@@ -374,6 +429,7 @@ class PPDConfig(Section):
     backbone: BackboneConfig = Field(default_factory=BackboneConfig, description="Text-to-image backbone.")
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="Toy backbone pretraining.")
     adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="User adapter.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training (ppd, dpo, sft).")
 
     @model_validator(mode="after")
     def _check_version(self) -> PPDConfig:

@@ -1,0 +1,115 @@
+"""Resumable pair order, checkpoint rotation/markers, and the process-group launcher."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from ppd_core.errors import StageError
+from ppd_core.train import checkpoint, launch
+from ppd_core.train.sampler import PairSampler
+
+
+def test_sampler_is_a_pure_function_of_the_step():
+    a, b = PairSampler(50, 8, seed=3), PairSampler(50, 8, seed=3)
+    assert np.array_equal(a.batch(17), b.batch(17))
+    assert not np.array_equal(a.batch(17), PairSampler(50, 8, seed=4).batch(17))
+    # an epoch visits every pair once, across the epoch boundary too
+    seen = np.concatenate([a.global_batch(s) for s in range(25)])  # 200 = 4 epochs
+    for e in range(4):
+        assert sorted(seen[e * 50 : (e + 1) * 50].tolist()) == list(range(50))
+
+
+def test_sampler_splits_the_global_batch_across_ranks():
+    ranks = [PairSampler(40, 8, seed=0, rank=r, world_size=2) for r in range(2)]
+    whole = PairSampler(40, 8, seed=0).global_batch(5)
+    assert np.array_equal(np.concatenate([r.batch(5) for r in ranks]), whole)
+    with pytest.raises(ValueError):
+        PairSampler(40, 7, seed=0, world_size=2)
+
+
+def test_rng_capture_restore_round_trip():
+    state = checkpoint.capture_rng()
+    first = (torch.rand(3), np.random.rand(3))
+    checkpoint.restore_rng(state)
+    again = (torch.rand(3), np.random.rand(3))
+    assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1])
+
+
+def test_rotation_keeps_complete_and_drops_stale(tmp_path):
+    for step, complete in ((100, True), (200, True), (250, False), (300, True), (400, False)):
+        d = tmp_path / checkpoint.tag_for(step)
+        d.mkdir()
+        if complete:
+            (d / checkpoint.COMPLETE).write_text(str(step))
+    assert checkpoint.latest(tmp_path)[0] == 300
+    checkpoint.rotate(tmp_path, keep=2)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    # 100 rotated out, 250 (incomplete, older than the newest complete) removed, 400 may still be in progress
+    assert left == [checkpoint.tag_for(s) for s in (200, 300, 400)]
+
+
+def test_commands_pass_through_launcher_options(tmp_path):
+    ds = launch.build_command("deepspeed", "pkg.mod", ["--x", "1"], num_gpus=2, port=1234)
+    assert ds[-4:] == ["--module", "pkg.mod", "--x", "1"] and "--num_gpus" in ds and "2" in ds
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("localhost slots=2\n")
+    assert "--hostfile" in launch.build_command("deepspeed", "m", [], hostfile=str(hostfile))
+    tr = launch.build_command("torchrun", "pkg.mod", [], num_gpus=3, port=1234)
+    assert tr[:3] == [sys.executable, "-m", "torch.distributed.run"] and "3" in tr
+    with pytest.raises(StageError, match="hostfile not found"):
+        launch.build_command("deepspeed", "m", [], hostfile=str(tmp_path / "missing"))
+
+
+def test_failed_run_is_a_clear_error_with_the_log_tail(tmp_path):
+    cmd = [sys.executable, "-c", "print('about to fail'); raise SystemExit(3)"]
+    with pytest.raises(StageError, match="code 3") as e:
+        launch.run(cmd, tmp_path / "log.txt")
+    assert "about to fail" in str(e.value) and "about to fail" in (tmp_path / "log.txt").read_text()
+
+
+def test_interrupt_kills_the_whole_process_group(tmp_path):
+    pidfile = tmp_path / "child.pid"
+    # the launched process starts a grandchild that would outlive a plain kill of its parent
+    script = (
+        "import subprocess, sys, time\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        f"open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
+        "for _ in range(6000): print('tick', flush=True); time.sleep(0.1)"
+    )
+    errors = []
+
+    def target():
+        try:
+            launch.run([sys.executable, "-c", script], tmp_path / "log.txt", grace_s=2)
+        except BaseException as exc:  # noqa: BLE001 - we inject KeyboardInterrupt below
+            errors.append(exc)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    deadline = time.time() + 30
+    while not pidfile.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    grandchild = int(pidfile.read_text())
+    # simulate a cancelled flow: the reading loop is interrupted -> the group is killed
+    import ctypes
+
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread.ident), ctypes.py_object(KeyboardInterrupt)
+    )
+    thread.join(30)
+    assert not thread.is_alive() and errors and isinstance(errors[0], KeyboardInterrupt)
+    for _ in range(50):
+        try:
+            os.kill(grandchild, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        subprocess.run(["kill", "-9", str(grandchild)], check=False)
+        pytest.fail("grandchild survived the group kill")
