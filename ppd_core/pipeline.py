@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from ppd_core.config import PPDConfig, fingerprint
+from ppd_core.config import PPDConfig, fingerprint, stable_fields
 from ppd_core.errors import StageError
 from ppd_core.layout import RunLayout
 from ppd_core.manifest import Manifest, StageOutcome, run_stage
@@ -35,13 +35,19 @@ STAGE_VERSIONS: dict[str, str] = {
     "tiny_models": "1",
     "embed": "1",
     "probe": "1",
+    "pretrain": "1",
+    "cache_latents": "1",
+    "train_ppd": "1",
+    "train_dpo": "1",
+    "train_sft": "1",
 }
+TRAIN_STAGES = ("train_ppd", "train_dpo", "train_sft")
 STAGE_ORDER: tuple[str, ...] = tuple(STAGE_VERSIONS)
 
 Progress = Callable[[int, int], None]
 MapFn = Callable[[Callable, Sequence], Iterable]
 # stages whose partial directory survives a crash (their shards complete atomically)
-RESUMABLE = frozenset({"embed"})
+RESUMABLE = frozenset({"embed", *TRAIN_STAGES})
 
 
 def upstream_of(stage: str, cfg: PPDConfig) -> tuple[str, ...]:
@@ -58,6 +64,13 @@ def upstream_of(stage: str, cfg: PPDConfig) -> tuple[str, ...]:
         return ("fewshot", "ingest", *tiny, *(world if needs_world(cfg.embed) else ()))
     if stage == "probe":
         return ("embed", "fewshot", *world)
+    toy = ("pretrain",) if cfg.backbone.kind == "toy" and cfg.backbone.model is None else ()
+    if stage == "pretrain":
+        return ("ingest",)
+    if stage == "cache_latents":
+        return ("ingest", "fewshot", *toy)
+    if stage in TRAIN_STAGES:
+        return ("cache_latents", "embed", "fewshot", *toy)
     return ()
 
 
@@ -90,7 +103,20 @@ def expand(stages: Iterable[str] | None, cfg: PPDConfig) -> list[str]:
     return [s for s in STAGE_ORDER if s in needed]
 
 
-def _section(cfg: PPDConfig, stage: str) -> BaseModel:
+def _section(cfg: PPDConfig, stage: str) -> BaseModel | dict:
+    """The config a stage's output depends on (volatile fields are dropped by ``fingerprint``)."""
+    if stage == "pretrain":
+        return {"pretrain": stable_fields(cfg.pretrain), "resolution": cfg.backbone.resolution}
+    if stage == "cache_latents":
+        return {"backbone": stable_fields(cfg.backbone)}
+    if stage in TRAIN_STAGES:
+        train = {k: v for k, v in stable_fields(cfg.train).items() if k != "trainers"}
+        return {
+            "train": train,
+            "adapter": stable_fields(cfg.adapter),
+            "backbone": stable_fields(cfg.backbone),
+            "embedder": cfg.embed.default,
+        }
     return getattr(cfg, {"synthesize": "world"}.get(stage, stage))
 
 
@@ -165,6 +191,23 @@ def _build(
         from ppd_core.embed.probe_stage import probe_stage
 
         return lambda out: probe_stage(cfg.probe, dirs["embed"], dirs["fewshot"], _world(dirs), out)
+    if p.stage == "pretrain":
+        from ppd_core.train.pretrain import pretrain
+
+        return lambda out: pretrain(cfg.pretrain, cfg.backbone, dirs["ingest"], out, progress=progress)
+    if p.stage == "cache_latents":
+        from ppd_core.models.factory import load_backbone
+        from ppd_core.train.cache import cache_latents
+
+        def build_cache(out: Path) -> dict:
+            backbone = load_backbone(cfg.backbone, dirs.get("pretrain"))
+            return cache_latents(backbone, dirs["ingest"], dirs["fewshot"], out, seed=cfg.run.seed)
+
+        return build_cache
+    if p.stage in TRAIN_STAGES:
+        from ppd_core.train.stage import train_stage
+
+        return lambda out: train_stage(cfg, p.stage.removeprefix("train_"), dirs, out)
     raise StageError(f"no body for stage {p.stage}")
 
 
