@@ -39,6 +39,7 @@ test-slow: setup
 bench: setup
 	$(BIN)/python benchmarks/bench_ingest.py
 	$(BIN)/python benchmarks/bench_embed.py
+	$(BIN)/python benchmarks/bench_train.py
 
 docs: setup
 	$(BIN)/ppd config reference --write README.md

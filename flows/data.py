@@ -20,6 +20,7 @@ from tasks.ingest import ingest_task
 from tasks.probe import probe_task
 from tasks.synthesize import synthesize_task
 from tasks.tiny_models import tiny_models_task
+from tasks.train import cache_latents_task, pretrain_task, train_task
 
 STAGE_TASKS = {
     "synthesize": synthesize_task,
@@ -28,6 +29,11 @@ STAGE_TASKS = {
     "tiny_models": tiny_models_task,
     "embed": embed_task,
     "probe": probe_task,
+    "pretrain": pretrain_task,
+    "cache_latents": cache_latents_task,
+    "train_ppd": train_task.with_options(name="train_ppd"),
+    "train_dpo": train_task.with_options(name="train_dpo"),
+    "train_sft": train_task.with_options(name="train_sft"),
 }
 
 
