@@ -9,7 +9,7 @@ STAMP := $(VENV)/.ppd-installed
 export DS_ACCELERATOR ?= cpu
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: setup demo test test-slow lint bench docs clean
+.PHONY: setup demo test test-slow lint bench docs gpu-check clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ bench: setup
 	$(BIN)/python benchmarks/bench_ingest.py
 	$(BIN)/python benchmarks/bench_embed.py
 	$(BIN)/python benchmarks/bench_train.py
+
+# On a CUDA machine: SD 1.5-sized adapter training through DeepSpeed (bf16); prints pairs/s and peak memory.
+gpu-check: setup
+	$(BIN)/python benchmarks/gpu_check.py
 
 docs: setup
 	$(BIN)/ppd config reference --write README.md
