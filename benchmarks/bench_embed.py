@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--device", default="cpu", help="torch device of the timed embedders (cpu, cuda)")
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -67,7 +68,7 @@ def main() -> None:
         readouts = {}
         for name in READOUTS:
             spec = next(s for s in cfg.embed.embedders if s.name == name)
-            embedder = load_embedder(spec, inputs, "cpu")
+            embedder = load_embedder(spec, inputs, args.device)
             embedder.embed(sets[:2])  # load + warm up
 
             def batched(e=embedder):
@@ -97,6 +98,7 @@ def main() -> None:
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
             "torch_threads": torch.get_num_threads(),
+            "device": args.device,
         },
         "setup": {
             "sets": len(sets),
