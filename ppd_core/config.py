@@ -260,6 +260,11 @@ class EmbedConfig(Section):
     batch_size: int = volatile(16, "Shot sets per forward batch.", ge=1)
     shard_sets: int = volatile(256, "Shot sets per output shard (a shard completes atomically).", ge=1)
     device: str = volatile("auto", "Torch device: auto (cuda when available), cpu, cuda, cuda:1, ...")
+    shard_workers: int = volatile(
+        1,
+        "Shards computed at once by the orchestrator's task runner (1 on a small CPU: torch already uses the cores).",
+        ge=1,
+    )
 
     @model_validator(mode="after")
     def _check_names(self) -> EmbedConfig:

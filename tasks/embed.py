@@ -7,6 +7,7 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
 
 from ppd_core.config import PPDConfig
@@ -19,11 +20,16 @@ def embed_shard_task(work, shard):
     return work(shard)
 
 
-def _map_shards(work, shards):
-    """Fan shards out over Prefect's task runner; yield results as they complete."""
-    futures = embed_shard_task.map(unmapped(work), shards)
-    for future in as_completed(futures):
-        yield future.result()
+def _shard_mapper(workers: int):
+    """Fan shards out over a thread task runner of ``workers`` threads; yield results as they complete."""
+
+    def map_shards(work, shards):
+        with ThreadPoolTaskRunner(max_workers=workers) as runner:
+            futures = runner.map(embed_shard_task, parameters={"work": unmapped(work), "shard": shards})
+            for future in as_completed(futures):
+                yield future.result()
+
+    return map_shards
 
 
 @task(name="embed", tags=["ppd", "embed"], **TASK_OPTIONS)
@@ -34,7 +40,7 @@ def embed_task(config: PPDConfig, stage: str, fingerprint: str, upstream_dirs: d
         fingerprint,
         upstream_dirs,
         progress=progress_reporter("embedded shot sets"),
-        map_fn=_map_shards,
+        map_fn=_shard_mapper(config.embed.shard_workers),
     )
     rows = [
         {
