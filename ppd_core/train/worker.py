@@ -139,6 +139,45 @@ def heldout_accuracy(
     return metrics["implicit_acc"]
 
 
+@torch.no_grad()
+def validation_grid(
+    backbone,
+    adapter,
+    data: TrainData,
+    eval_rows: list[dict],
+    cfg: PPDConfig,
+    step: int,
+    run_dir: Path,
+    writer,
+):
+    """Rows: the base model (branch off), then one row per validation user; columns: prompts; fixed seeds.
+
+    Written to ``validation/step-<step>.png`` and to TensorBoard (one image per row, so rows never
+    collapse into one tile)."""
+    from ppd_core.models.grids import save_grid, to_uint8
+    from ppd_core.models.sampling import sample
+
+    t = cfg.train
+    users = sorted({r["user_id"] for r in eval_rows})[: t.validation_users]
+    prompts = sorted({r["caption"] for r in eval_rows if r["caption"]})[: t.validation_prompts]
+    if not users or not prompts:
+        return
+    seeds = list(range(len(prompts)))
+    rows = [sample(backbone, prompts, seeds)]  # base model
+    for user in users:
+        sets = [data.user_first_set[user]] * len(prompts)
+        emb = data.condition([{}] * len(prompts), sets)
+        rows.append(
+            sample(backbone, prompts, seeds, user_tokens=adapter.tokens(emb), user_scale=cfg.adapter.scale)
+        )
+    images = to_uint8(torch.cat(rows))  # ((1 + U) * P, H, W, 3)
+    scale = max(1, 64 // images.shape[1])
+    save_grid(images, len(rows), len(prompts), run_dir / "validation" / f"step-{step:08d}.png", scale=scale)
+    for i, label in enumerate(["base", *[f"user-{u}" for u in users]]):
+        row = images[i * len(prompts) : (i + 1) * len(prompts)]
+        writer.add_image(f"validation/{label}", np.concatenate(list(row), axis=1), step, dataformats="HWC")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         description="PPD training rank (started by the deepspeed launcher or torchrun)"
@@ -262,6 +301,7 @@ def main(argv: list[str] | None = None) -> None:
                     f.write(json.dumps({"step": done, "heldout_implicit_acc": acc}) + "\n")
                 if math.isfinite(acc):
                     writer.add_scalar("val/heldout_implicit_acc", acc, done)
+                validation_grid(backbone, engine.module, data, eval_rows, cfg, done, run_dir, writer)
         if done % t.checkpoint_every == 0 or done == t.steps:
             checkpoint.save(engine, ckpt_dir, done, rank, barrier, t.keep_checkpoints)
         if bar is not None:

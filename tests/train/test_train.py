@@ -94,6 +94,12 @@ def test_two_process_deepspeed_run(prepared, tmp_path):
     assert len(lines) == 6  # rank 0 only, one per step
     assert (tmp_path / "two" / "checkpoints" / "step-00000006" / "_COMPLETE").is_file()
     assert (tmp_path / "two" / "export" / "README.md").is_file()
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "two" / "validation" / "step-00000006.png")
+    # base row + up to 4 users (rows) x up to 4 prompts (columns), 16 px images upscaled 4x
+    assert grid.size[0] % 64 == 0 and grid.size[1] % 64 == 0 and grid.size[1] >= 2 * 64
+    assert list((tmp_path / "two" / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_kill_9_then_resume_equals_an_uninterrupted_run(prepared, tmp_path):
