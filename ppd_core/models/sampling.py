@@ -15,7 +15,9 @@ this is ordinary classifier-free guidance; ``guidance == 1`` skips the unconditi
 
 Every image's initial noise comes from its own ``torch.Generator().manual_seed(seed)``, so an image
 depends on its (caption, seed, user tokens) only, not on which other images share its batch (the
-scheduler must be deterministic given the noise, as DDIM with eta 0 is).
+scheduler must be deterministic given the noise, as DDIM with eta 0 is). Across batch sizes images
+agree to float rounding (measured < 2e-6; oneDNN picks kernels by batch size); the same call
+repeated is bit-identical.
 """
 
 from __future__ import annotations

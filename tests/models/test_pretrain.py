@@ -11,11 +11,25 @@ from PIL import Image
 
 from ppd_core.config import BackboneConfig, load_config
 from ppd_core.data.fewshot import read_pairs
-from ppd_core.data.world_render import ATTRIBUTES, CAPTIONS, COLOURS, caption_content, render_images
+from ppd_core.data.world_render import (
+    ATTRIBUTES,
+    CAPTIONS,
+    caption_content,
+    decode_jpeg,
+    encode_jpeg,
+    render_images,
+)
 from ppd_core.errors import ConfigError
 from ppd_core.models.toy import ToyBackbone
 from ppd_core.pipeline import run_stages
-from ppd_core.train.pretrain import GRID_SCALE, colour_accuracy, object_colours, pretrain, training_examples
+from ppd_core.train.pretrain import (
+    GRID_SCALE,
+    content_accuracy,
+    object_colours,
+    object_shapes,
+    pretrain,
+    training_examples,
+)
 
 STEPS = 30
 
@@ -55,8 +69,9 @@ def test_trains_on_every_distinct_caption_and_image(ingest_dir):
     captions, images = training_examples(ingest_dir, 16)
     assert len(captions) == len(expected) and images.shape == (len(expected), 16, 16, 3)
     assert images.dtype == torch.uint8
-    # every image shows its caption's colour
-    assert colour_accuracy(images.numpy(), captions)[0] == 1.0
+    # the pixel checks read every training image's caption back
+    accuracy = content_accuracy(images.numpy(), captions)
+    assert accuracy["colour_accuracy"] == 1.0 and accuracy["shape_accuracy"] >= 0.98
 
 
 def test_writes_a_loadable_backbone_and_its_reports(trained):
@@ -68,7 +83,9 @@ def test_writes_a_loadable_backbone_and_its_reports(trained):
 
     report = json.loads((out / "eval.json").read_text())
     assert report["captions"] == list(CAPTIONS) and report["samples"] == 2 * len(CAPTIONS)
-    assert 0.0 <= report["colour_accuracy"] <= 1.0 and report["colour_accuracy_train"] == 1.0
+    assert all(0.0 <= report[k] <= 1.0 for k in ("colour_accuracy", "shape_accuracy", "content_accuracy"))
+    assert report["train"]["colour_accuracy"] == 1.0 and report["train"]["shape_accuracy"] >= 0.98
+    assert counts["colour_accuracy"] == report["colour_accuracy"]
     assert set(report["attributes"]) == set(ATTRIBUTES)
     assert {"train_mean", "train_std", "sample_mean", "sample_std"} <= set(report["attributes"]["size"])
     with Image.open(out / "samples.png") as grid:
@@ -101,16 +118,23 @@ def test_refuses_other_backbones(ingest_dir, tmp_path):
         pretrain(cfg.pretrain, BackboneConfig(kind="sd", model="x"), ingest_dir, tmp_path)
 
 
-def test_colour_check_reads_hue_not_style():
+def test_content_checks_read_colour_and_shape_whatever_the_style():
     rng = np.random.default_rng(0)
     captions = [c for c in CAPTIONS for _ in range(20)]
     styles = np.clip(rng.standard_normal((len(captions), len(ATTRIBUTES))) * 1.5, -3.5, 3.5)
-    images = render_images(captions, styles)
+    images = np.stack([decode_jpeg(encode_jpeg(img)) for img in render_images(captions, styles)])
     assert object_colours(images) == [caption_content(c)[0] for c in captions]
+    shapes = object_shapes(images)
+    assert np.mean([s == caption_content(c)[1] for s, c in zip(shapes, captions, strict=True)]) >= 0.98
     blank = np.full((2, 16, 16, 3), 110, np.uint8)
-    assert object_colours(blank) == [None, None]
+    assert object_colours(blank) == [None, None] and object_shapes(blank) == [None, None]
     grey = blank.copy()
     grey[:, 5:11, 5:11] = 200  # an object, but with no hue
     assert object_colours(grey) == [None, None]
-    assert colour_accuracy(images[:2], ["a blue circle", captions[1]]) == (0.5, {"blue": 0.0, "red": 1.0})
-    assert set(COLOURS) >= {caption_content(c)[0] for c in captions}
+    assert object_shapes(grey) == ["square", "square"]
+    accuracy = content_accuracy(images[:2], ["a blue circle", captions[1]])  # both are red circles
+    assert accuracy["colour_accuracy"] == 0.5 and accuracy["colour_accuracy_by_colour"] == {
+        "red": 1.0,
+        "blue": 0.0,
+    }
+    assert accuracy["shape_accuracy"] == 1.0 and accuracy["content_accuracy"] == 0.5

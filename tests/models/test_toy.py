@@ -126,6 +126,7 @@ def test_save_writes_the_diffusers_layout(saved):
     assert meta["kind"] == "toy" and meta["resolution"] == 16 and meta["prediction_type"] == "v_prediction"
     sched = json.loads((saved / "scheduler" / "scheduler_config.json").read_text())
     assert (sched["beta_schedule"], sched["prediction_type"]) == ("squaredcos_cap_v2", "v_prediction")
+    assert sched["clip_sample"] is False  # clipping x0 under guidance drifts (see ppd_core.models.toy)
 
 
 def test_load_is_bit_identical(backbone, saved):
