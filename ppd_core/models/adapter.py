@@ -103,6 +103,14 @@ class UserBranch(nn.Module):
         # shape (1,), not a 0-d scalar: DeepSpeed broadcasts parameters as byte views, which 0-d tensors refuse
         self.gate = nn.Parameter(torch.zeros(1))
 
+    def factor(self, user_scale: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``gate * user_scale`` shaped to multiply a (B, L, C) branch output ``like``: a (B,) scale is per
+        sample (a 0 makes that sample's contribution exactly 0: the null user)."""
+        factor = self.gate.to(like.dtype)
+        if torch.is_tensor(user_scale) and user_scale.ndim > 0:
+            return factor * user_scale.to(device=like.device, dtype=like.dtype).view(-1, 1, 1)
+        return factor * user_scale
+
 
 class SelfAttnProcessor(AttnProcessor2_0):
     """The stock SDPA processor for ``attn1`` layers; accepts and drops the user kwargs."""
@@ -211,13 +219,7 @@ class UserAttnProcessor:
             key_u = attn.norm_k(key_u)
         user_out = F.scaled_dot_product_attention(query, key_u, value_u, dropout_p=0.0, is_causal=False)
         user_out = user_out.transpose(1, 2).reshape(batch, -1, inner).to(query.dtype)  # (B, L, inner)
-        factor = branch.gate.to(query.dtype)
-        if torch.is_tensor(user_scale) and user_scale.ndim > 0:
-            # per-sample scale (B,): a 0 makes that sample's contribution exactly 0 (null user)
-            factor = factor * user_scale.to(device=query.device, dtype=query.dtype).view(-1, 1, 1)
-        else:
-            factor = factor * user_scale
-        return factor * user_out
+        return branch.factor(user_scale, user_out) * user_out
 
 
 def cross_attention_layers(unet) -> dict[str, int]:

@@ -138,13 +138,7 @@ class CascadeUserBranch(UserBranch):
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
         out = out.transpose(1, 2).reshape(batch, -1, inner)  # (B, L, inner)
         out = F.linear(out, attn.to_out[0].weight)  # no bias: the stock output already carries it
-        factor = self.gate.to(out.dtype)
-        if torch.is_tensor(user_scale) and user_scale.ndim > 0:
-            # per-sample scale (B,): a 0 makes that sample's term exactly 0 (null user)
-            factor = factor * user_scale.to(device=out.device, dtype=out.dtype).view(-1, 1, 1)
-        else:
-            factor = factor * user_scale
-        out = factor * out / attn.rescale_output_factor
+        out = self.factor(user_scale, out) * out / attn.rescale_output_factor
         if spatial:
             out = out.transpose(1, 2).reshape(batch, channels, height, width)
         return out
