@@ -123,6 +123,12 @@ class WorldConfig(Section):
         description="Fraction of rows that reuse an earlier image of the same caption (image uids repeat across rows, as in Pick-a-Pic).",
     )
     quirks: QuirkRates = Field(default_factory=QuirkRates, description="Rates of real-data quirks.")
+    reward_users: tuple[Literal["brightness", "warmth", "saturation", "size", "position"], ...] = Field(
+        ("brightness", "saturation", "size"),
+        description="Reward models as users (the multi-reward experiment): one extra user per listed attribute whose "
+        "labels follow that single attribute (stand-ins for CLIP score, aesthetic and HPS). Always seen users.",
+    )
+    reward_user_rows: int = Field(150, ge=1, description="Labelled rows of each reward user.")
     start_date: dt.date = Field(dt.date(2023, 5, 1), description="First creation date.")
     days: int = Field(30, ge=1, description="Rows are spread over this many days.")
     rows_per_file: int = Field(2000, ge=1, description="Rows per Parquet shard.")
@@ -372,6 +378,12 @@ class TrainConfig(Section):
         description="ppd: DPO conditioned on each pair's user embedding; dpo: population DPO (same adapter, one constant "
         "embedding); sft: same adapter and constant embedding, denoising loss on winners only.",
     )
+    ceiling_embedder: str | None = Field(
+        "true-preference",
+        description="On the synthetic world, also train a ppd model (stage train_ppd_true) conditioned on this "
+        "embedder (the user's true preference vector): the ceiling every real embedder is reported against. "
+        "None: skip it.",
+    )
     seed: int = Field(0, description="Seed of initialisation, data order, noise and timesteps.")
     steps: int = Field(300, ge=1, description="Optimizer steps.")
     pairs_per_step: int = Field(
@@ -416,6 +428,113 @@ class TrainConfig(Section):
     )
 
 
+REWARD_KINDS = ("oracle", "oracle_attribute", "pickscore", "hps", "aesthetic", "clip_score", "image_reward")
+
+
+class RewardSpec(Section):
+    """One reward model: scores (image, prompt) pairs; higher is better."""
+
+    name: str = Field(description="Unique label, used in tables and plots.")
+    kind: Literal[
+        "oracle", "oracle_attribute", "pickscore", "hps", "aesthetic", "clip_score", "image_reward"
+    ] = Field(
+        description="oracle: the synthetic world's user reward (per user); oracle_attribute: one z-scored world attribute; "
+        "pickscore / hps (v2, v2.1) / aesthetic (LAION v2) / clip_score / image_reward: real reward models."
+    )
+    model: str | None = Field(
+        None,
+        description="Weights: local dir or file, or hub id (pickscore, clip_score: a CLIP model; hps: checkpoint file; "
+        "aesthetic: the MLP file). None: the tiny offline weights built by the tiny_models stage.",
+    )
+    processor: str | None = Field(
+        None,
+        description="Processor / tokenizer / CLIP backbone the weights expect (None: the reward's own default).",
+    )
+    attribute: str | None = Field(
+        None, description="oracle_attribute: which world attribute (e.g. brightness)."
+    )
+    sha256: str | None = Field(
+        None, description="Expected sha256 of the weight file (None: the published digest when one is known)."
+    )
+
+
+class JudgeSpec(Section):
+    """One judge: given a user's 4 shots and a pair of images, which one would this user prefer."""
+
+    name: str = Field(description="Unique label.")
+    kind: Literal["oracle", "reward", "vlm"] = Field(
+        description="oracle: the world's user reward; reward: a reward model's score; vlm: a VLM asked the paper's question "
+        "(the user's 4 shots in random order, the query pair in both orders, a win only when both answers agree)."
+    )
+    reward: str | None = Field(None, description="reward judges: the name of an entry of evaluate.rewards.")
+    model: str | None = Field(
+        None, description="vlm judges: local dir or hub id (None: the tiny offline VLM)."
+    )
+
+
+def _default_rewards() -> tuple[RewardSpec, ...]:
+    return (
+        RewardSpec(name="oracle", kind="oracle"),
+        RewardSpec(name="brightness", kind="oracle_attribute", attribute="brightness"),
+        RewardSpec(name="saturation", kind="oracle_attribute", attribute="saturation"),
+        RewardSpec(name="size", kind="oracle_attribute", attribute="size"),
+        RewardSpec(name="clip-score", kind="clip_score"),
+        RewardSpec(name="aesthetic", kind="aesthetic"),
+    )
+
+
+def _default_judges() -> tuple[JudgeSpec, ...]:
+    return (
+        JudgeSpec(name="oracle", kind="oracle"),
+        JudgeSpec(name="aesthetic", kind="reward", reward="aesthetic"),
+        JudgeSpec(name="vlm", kind="vlm"),
+    )
+
+
+class EvaluateConfig(Section):
+    """The `evaluate` stage: generation on held-out prompts, rewards, judges, win rates, interpolation, report."""
+
+    seed: int = Field(0, description="Seed of user/prompt selection, judge shot order and bootstrap.")
+    seen_users: int = Field(24, ge=1, description="Most seen users evaluated (those with held-out prompts).")
+    unseen_users: int = Field(
+        24, ge=1, description="Most unseen users evaluated (each given one 4-pair shot set)."
+    )
+    prompts_per_user: int = Field(4, ge=1, description="Held-out prompts per user.")
+    seeds_per_prompt: int = Field(
+        2, ge=1, description="Seeds per prompt; every model uses the same prompt and seed."
+    )
+    steps: int = Field(20, ge=1, description="Sampler steps (DDIM).")
+    guidance: float = Field(3.0, ge=1, description="Classifier-free guidance on the caption (and user).")
+    user_guidance: float = Field(
+        0.0, ge=0, description="Extra guidance on the user tokens (user-CFG; 0 = off)."
+    )
+    scale: float = Field(1.0, ge=0, description="Adapter scale at inference.")
+    rewards: tuple[RewardSpec, ...] = Field(default_factory=_default_rewards, description="Reward models.")
+    judges: tuple[JudgeSpec, ...] = Field(default_factory=_default_judges, description="Judges.")
+    primary_judge: str = Field("oracle", description="The judge whose win rates headline the report.")
+    bootstrap: int = Field(
+        1000, ge=10, description="Bootstrap resamples (over users) for win-rate intervals."
+    )
+    confidence: float = Field(0.95, gt=0, lt=1, description="Interval level.")
+    interpolation_alphas: tuple[float, ...] = Field(
+        (0.0, 0.25, 0.5, 0.75, 1.0),
+        description="Weights a of u = a*u_A + (1-a)*u_B in the interpolation study.",
+    )
+    batch_size: int = volatile(64, "Images per sampler batch.", ge=1)
+
+    @model_validator(mode="after")
+    def _check_names(self) -> EvaluateConfig:
+        rewards = [r.name for r in self.rewards]
+        if len(set(rewards)) != len(rewards):
+            raise ValueError(f"evaluate.rewards names must be unique, got {rewards}")
+        for j in self.judges:
+            if j.kind == "reward" and j.reward not in rewards:
+                raise ValueError(f"judge {j.name!r} names reward {j.reward!r}, not one of {rewards}")
+        if self.primary_judge not in [j.name for j in self.judges]:
+            raise ValueError(f"evaluate.primary_judge {self.primary_judge!r} is not one of the judges")
+        return self
+
+
 class PPDConfig(Section):
     """The whole pipeline's configuration."""
 
@@ -435,6 +554,7 @@ class PPDConfig(Section):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="Toy backbone pretraining.")
     adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="User adapter.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training (ppd, dpo, sft).")
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Evaluation and report.")
 
     @model_validator(mode="after")
     def _check_version(self) -> PPDConfig:

@@ -32,7 +32,7 @@ STAGE_VERSIONS: dict[str, str] = {
     "synthesize": "1",
     "ingest": "1",
     "fewshot": "1",
-    "tiny_models": "1",
+    "tiny_models": "2",
     "embed": "1",
     "probe": "1",
     "pretrain": "1",
@@ -40,8 +40,12 @@ STAGE_VERSIONS: dict[str, str] = {
     "train_ppd": "1",
     "train_dpo": "1",
     "train_sft": "1",
+    "train_ppd_true": "1",
+    "evaluate": "1",
 }
-TRAIN_STAGES = ("train_ppd", "train_dpo", "train_sft")
+# train stage -> trainer; train_ppd_true is the ppd trainer on the world's true-preference embedding (the ceiling)
+TRAINERS = {"train_ppd": "ppd", "train_dpo": "dpo", "train_sft": "sft", "train_ppd_true": "ppd"}
+TRAIN_STAGES = tuple(TRAINERS)
 STAGE_ORDER: tuple[str, ...] = tuple(STAGE_VERSIONS)
 
 Progress = Callable[[int, int], None]
@@ -71,11 +75,37 @@ def upstream_of(stage: str, cfg: PPDConfig) -> tuple[str, ...]:
         return ("ingest", "fewshot", *toy)
     if stage in TRAIN_STAGES:
         return ("cache_latents", "embed", "fewshot", *toy)
+    if stage == "evaluate":
+        trained = tuple(f"train_{t}" for t in cfg.train.trainers)
+        ceiling = ("train_ppd_true",) if has_ceiling(cfg) else ()
+        return ("fewshot", "ingest", "embed", "tiny_models", *toy, *trained, *ceiling, *world)
     return ()
 
 
+def has_ceiling(cfg: PPDConfig) -> bool:
+    """Whether the ceiling model (ppd on the true-preference embedding) can be trained: synthetic world only."""
+    names = {e.name: e.kind for e in cfg.embed.embedders}
+    return (
+        not cfg.ingest.source
+        and cfg.train.ceiling_embedder is not None
+        and names.get(cfg.train.ceiling_embedder) == "true_preference"
+    )
+
+
+def train_embedder(cfg: PPDConfig, stage: str) -> str:
+    """The embedder whose vectors condition a train stage."""
+    if stage == "train_ppd_true":
+        if not has_ceiling(cfg):
+            raise StageError(
+                "train_ppd_true needs the synthetic world and train.ceiling_embedder naming a true_preference embedder"
+            )
+        return cfg.train.ceiling_embedder
+    return cfg.embed.default
+
+
 def default_stages(cfg: PPDConfig) -> list[str]:
-    return expand(["probe"], cfg)
+    """The whole DAG: everything ``evaluate`` (and the probe) needs."""
+    return expand(["probe", "evaluate"], cfg)
 
 
 def expand(stages: Iterable[str] | None, cfg: PPDConfig) -> list[str]:
@@ -110,12 +140,20 @@ def _section(cfg: PPDConfig, stage: str) -> BaseModel | dict:
     if stage == "cache_latents":
         return {"backbone": stable_fields(cfg.backbone)}
     if stage in TRAIN_STAGES:
-        train = {k: v for k, v in stable_fields(cfg.train).items() if k != "trainers"}
+        skip = ("trainers", "ceiling_embedder")
+        train = {k: v for k, v in stable_fields(cfg.train).items() if k not in skip}
         return {
             "train": train,
             "adapter": stable_fields(cfg.adapter),
             "backbone": stable_fields(cfg.backbone),
+            "embedder": train_embedder(cfg, stage),
+        }
+    if stage == "evaluate":
+        return {
+            "evaluate": stable_fields(cfg.evaluate),
+            "backbone": stable_fields(cfg.backbone),
             "embedder": cfg.embed.default,
+            "embedders": [e.model_dump(mode="json") for e in cfg.embed.embedders],
         }
     return getattr(cfg, {"synthesize": "world"}.get(stage, stage))
 
@@ -207,7 +245,12 @@ def _build(
     if p.stage in TRAIN_STAGES:
         from ppd_core.train.stage import train_stage
 
-        return lambda out: train_stage(cfg, p.stage.removeprefix("train_"), dirs, out)
+        trainer, embedder = TRAINERS[p.stage], train_embedder(cfg, p.stage)
+        return lambda out: train_stage(cfg, trainer, dirs, out, embedder=embedder)
+    if p.stage == "evaluate":
+        from ppd_core.evaluate.stage import evaluate_stage
+
+        return lambda out: evaluate_stage(cfg, dirs, out, progress=progress)
     raise StageError(f"no body for stage {p.stage}")
 
 
@@ -242,6 +285,23 @@ def run_stages(cfg: PPDConfig, stages: Sequence[str] | None = None) -> dict[str,
         manifests = {u: outcomes[u].manifest for u in upstream_of(stage, cfg)}
         outcomes[stage] = execute(cfg, plan(cfg, stage, manifests), manifests)
     return outcomes
+
+
+def locate(cfg: PPDConfig, stages: Sequence[str]) -> dict[str, Path]:
+    """Output directories of ``stages`` and their upstream, computing nothing: each must already be complete."""
+    from ppd_core.manifest import is_complete, load_manifest
+
+    manifests: dict[str, Manifest] = {}
+    dirs: dict[str, Path] = {}
+    for stage in expand(stages, cfg):
+        p = plan(cfg, stage, {u: manifests[u] for u in upstream_of(stage, cfg)})
+        if not is_complete(p.directory):
+            raise StageError(
+                f"stage {stage} has no complete output for this config under {cfg.run.root} "
+                f"(expected {p.directory}); run `ppd run --stages {stage}` with the same config first"
+            )
+        manifests[stage], dirs[stage] = load_manifest(p.directory), p.directory
+    return dirs
 
 
 def preflight(cfg: PPDConfig) -> None:

@@ -75,7 +75,7 @@ def test_readme_config_table_is_current():
 
 def test_data_flow_caches_and_recomputes_only_what_changed(tmp_path):
     root = str(tmp_path / "run")
-    first = run_json("--root", root, *SMALL)
+    first = run_json("--root", root, *SMALL, "--stages", "probe")
     assert list(first) == ["synthesize", "ingest", "fewshot", "tiny_models", "embed", "probe"]
     assert not any(s["cached"] for s in first.values())
     for s in first.values():
@@ -84,12 +84,12 @@ def test_data_flow_caches_and_recomputes_only_what_changed(tmp_path):
     ingest = first["ingest"]["counts"]
     assert ingest["input_rows"] == ingest["kept_rows"] + ingest["quarantined"] > 0
 
-    second = run_json("--root", root, *SMALL)
+    second = run_json("--root", root, *SMALL, "--stages", "probe")
     assert all(s["cached"] for s in second.values())
     assert {k: v["output_dir"] for k, v in second.items()} == {k: v["output_dir"] for k, v in first.items()}
 
     shutil.rmtree(first["fewshot"]["output_dir"])
-    third = run_json("--root", root, *SMALL)
+    third = run_json("--root", root, *SMALL, "--stages", "probe")
     assert [k for k, v in third.items() if not v["cached"]] == ["fewshot"]
     assert third["fewshot"]["counts"] == first["fewshot"]["counts"]
 

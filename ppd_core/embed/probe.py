@@ -229,13 +229,17 @@ def run_probe(
         missing = sorted({int(u) for u in user_ids} - set(archetypes))
         if missing:
             raise StageError(f"probe: no archetype for users {missing[:5]}")
-        arch_values, y_arch = np.unique([archetypes[int(u)] for u in user_ids], return_inverse=True)
+        arch = np.array([archetypes[int(u)] for u in user_ids])
+        people = arch >= 0  # negative archetypes (the synthetic world's reward users) take no part
+        arch_values, y_arch = np.unique(
+            np.where(people, arch, arch[people].min(initial=0)), return_inverse=True
+        )
         n_arch = len(arch_values)
         # centroids from the seen users' training sets only, for both archetype tasks
-        for task, where in (("archetype_unseen", unseen), ("archetype_seen_heldout", test)):
+        for task, where in (("archetype_unseen", unseen & people), ("archetype_seen_heldout", test & people)):
             if not where.any():
                 continue
-            scores = nearest_centroid(x[train], y_arch[train], x[where], n_arch)
+            scores = nearest_centroid(x[train & people], y_arch[train & people], x[where], n_arch)
             count = int(where.sum())
             rows += _rows(task, "nearest_centroid", topk_accuracy(scores, y_arch[where], (1,)), count, n_arch)
             rows += _rows(task, "chance", _chance((1,), n_arch), count, n_arch)

@@ -118,6 +118,22 @@ def lr_factor(i: int, warmup: int, steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * (i - warmup) / max(1, steps - warmup)))
 
 
+CAPTION_TABLE_LIMIT = 4096  # distinct captions encoded once up front; beyond this, encode per step
+
+
+def _caption_encoder(backbone: ToyBackbone, captions: list[str]) -> Callable[[list[str]], torch.Tensor]:
+    """captions -> (B, T, D) text states of the frozen encoder; a lookup table when the captions are few."""
+    vocab = sorted(set(captions) | {""})
+    if len(vocab) > CAPTION_TABLE_LIMIT:
+        return lambda batch: backbone.encode_prompt(batch).detach()
+    row_of = {c: i for i, c in enumerate(vocab)}
+    with torch.no_grad():
+        table = torch.cat(
+            [backbone.encode_prompt(vocab[i : i + 256]) for i in range(0, len(vocab), 256)]
+        )  # (V, T, D)
+    return lambda batch: table[[row_of[c] for c in batch]]
+
+
 def _train(
     backbone: ToyBackbone,
     cfg: PretrainConfig,
@@ -136,6 +152,7 @@ def _train(
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, warmup, cfg.steps))
     gen = torch.Generator().manual_seed(cfg.seed)
     batches = _batches(len(captions), cfg.batch_size, gen)
+    text_of = _caption_encoder(backbone, captions)
 
     start, window, first_loss, last_logged = time.perf_counter(), [], None, None
     bar = tqdm(total=cfg.steps, desc="pretrain", unit="step", disable=None, mininterval=1.0)
@@ -144,10 +161,7 @@ def _train(
             idx = next(batches)
             x0 = backbone.encode_images(images[idx])  # (B, 3, R, R) in [-1, 1]
             drop = (torch.rand(len(idx), generator=gen) < cfg.caption_dropout).tolist()
-            with torch.no_grad():  # frozen text encoder
-                text = backbone.encode_prompt(
-                    ["" if d else captions[i] for d, i in zip(drop, idx.tolist(), strict=True)]
-                )
+            text = text_of(["" if d else captions[i] for d, i in zip(drop, idx.tolist(), strict=True)])
             noise = torch.randn(x0.shape, generator=gen)  # (B, 3, R, R)
             t = backbone.sample_timesteps(len(idx), gen)  # (B,)
             pred = backbone.denoise(backbone.add_noise(x0, noise, t), t, text)

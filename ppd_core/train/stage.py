@@ -18,11 +18,14 @@ from ppd_core.manifest import atomic_write_json
 from ppd_core.train import launch
 
 
-def train_stage(cfg: PPDConfig, trainer: str, dirs: dict[str, Path], out_dir: Path) -> dict:
+def train_stage(
+    cfg: PPDConfig, trainer: str, dirs: dict[str, Path], out_dir: Path, embedder: str | None = None
+) -> dict:
+    """Launch the ranks for ``trainer`` conditioned on ``embedder`` (default: ``cfg.embed.default``)."""
     spec = {
         "config": cfg.model_dump(mode="json"),
         "trainer": trainer,
-        "embedder": cfg.embed.default,
+        "embedder": embedder or cfg.embed.default,
         "run_dir": str(out_dir),
         "dirs": {k: str(v) for k, v in dirs.items()},
     }

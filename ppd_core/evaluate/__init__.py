@@ -1,0 +1,1 @@
+"""Evaluation: personalized generation, reward models, judges, win rates, interpolation and the report."""

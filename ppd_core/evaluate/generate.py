@@ -1,0 +1,303 @@
+"""Personalized generation: a trained run (or the base model), a user, prompts and seeds -> images.
+
+A *model* is one of :data:`MODELS`: ``base`` (the backbone, user branch off), ``ppd`` (the adapter trained
+on the default embedder's user embeddings), ``ppd_true`` (the same trainer on the synthetic world's true
+preference vectors: the ceiling), and the baselines ``dpo`` / ``sft`` (the same adapter trained on one
+constant embedding, so they ignore the user). The backbone is loaded once; each model's exported adapter
+(``<train dir>/export/ip_adapter.safetensors``) is installed before it samples.
+
+A *user* is either a user id of the ingested dataset (conditioned on that user's first shot set, as in
+training and validation) or a brand-new user: a Parquet file of their labelled pairs in the Pick-a-Pic v2
+schema with images, ingested with the pipeline's own validation and embedded with the run's embedder.
+
+Images depend only on (model, prompt, seed, user embedding, settings): every image's noise comes from its
+own seed (:func:`ppd_core.models.sampling.sample`), and file names are ``p<prompt index>-s<seed>.png``, so
+the outputs of two models for the same request pair up file by file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from ppd_core.config import PPDConfig
+from ppd_core.errors import InputError, StageError
+from ppd_core.models.adapter import UserAdapter
+from ppd_core.models.backbone import Backbone
+
+MODELS = ("base", "ppd", "ppd_true", "dpo", "sft")
+TRAIN_STAGE = {"ppd": "train_ppd", "ppd_true": "train_ppd_true", "dpo": "train_dpo", "sft": "train_sft"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Sampler settings shared by every compared model."""
+
+    steps: int = 20
+    guidance: float = 3.0
+    user_guidance: float = 0.0
+    scale: float = 1.0
+    batch_size: int = 64
+
+    @classmethod
+    def from_config(cls, cfg: PPDConfig) -> Settings:
+        e = cfg.evaluate
+        return cls(e.steps, e.guidance, e.user_guidance, e.scale, e.batch_size)
+
+
+def embedder_for(cfg: PPDConfig, model: str) -> str | None:
+    """The embedder whose vectors condition ``model`` (None: it ignores the user)."""
+    if model == "ppd":
+        return cfg.embed.default
+    if model == "ppd_true":
+        return cfg.train.ceiling_embedder
+    return None
+
+
+class ModelSet:
+    """One backbone and the adapters of the trained runs; :meth:`generate` samples any of them."""
+
+    def __init__(self, backbone: Backbone, adapters: Mapping[str, UserAdapter]):
+        self.backbone = backbone
+        self.adapters = dict(adapters)
+
+    @classmethod
+    def load(cls, cfg: PPDConfig, dirs: Mapping[str, Path], models: Sequence[str]) -> ModelSet:
+        """``dirs``: stage -> output directory (``pretrain`` for the toy backbone, ``train_<x>`` per model)."""
+        from ppd_core.models.export import load_adapter
+        from ppd_core.models.factory import load_backbone
+
+        unknown = [m for m in models if m not in MODELS]
+        if unknown:
+            raise InputError(f"unknown model(s) {unknown}; models are {', '.join(MODELS)}")
+        backbone = load_backbone(cfg.backbone, dirs.get("pretrain"))
+        adapters = {}
+        for model in models:
+            if model == "base":
+                continue
+            stage = TRAIN_STAGE[model]
+            if stage not in dirs:
+                raise StageError(f"model {model!r} needs the {stage} stage's output")
+            adapters[model] = load_adapter(Path(dirs[stage]) / "export", backbone.denoiser).eval()
+        return cls(backbone, adapters)
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return ("base", *self.adapters)
+
+    def embedding_shape(self, model: str) -> tuple[int, ...]:
+        return tuple(self.adapters[model].embedding_shape)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        model: str,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        embeddings: np.ndarray | None = None,
+        settings: Settings = Settings(),
+    ) -> np.ndarray:
+        """uint8 (N, H, W, 3), one image per (prompt, seed). ``embeddings``: (N, *shape) or (*shape) for the
+        user-conditioned models; ignored by ``base``; dpo/sft use their constant (zero) embedding."""
+        from ppd_core.models.grids import to_uint8
+        from ppd_core.models.sampling import sample
+
+        s = settings
+        if model == "base":
+            images = sample(self.backbone, prompts, seeds, s.steps, s.guidance, batch_size=s.batch_size)
+            return to_uint8(images)
+        if model not in self.adapters:
+            raise InputError(f"model {model!r} is not loaded (loaded: {', '.join(self.models)})")
+        adapter = self.adapters[model]
+        shape = tuple(adapter.embedding_shape)
+        if model in ("dpo", "sft") or embeddings is None:
+            if model not in ("dpo", "sft"):
+                raise InputError(f"model {model!r} needs user embeddings")
+            emb = torch.zeros((len(prompts), *shape))  # the constant embedding these baselines trained on
+        else:
+            emb = torch.as_tensor(np.asarray(embeddings, dtype=np.float32))
+            if tuple(emb.shape) == shape:
+                emb = emb.unsqueeze(0).expand(len(prompts), *shape)
+            if tuple(emb.shape[1:]) != shape or len(emb) != len(prompts):
+                raise InputError(
+                    f"model {model!r} takes embeddings of shape {shape}, got {tuple(emb.shape)} for {len(prompts)} prompts"
+                )
+        device = next(self.backbone.denoiser.parameters()).device
+        adapter.install(self.backbone.denoiser)
+        try:
+            tokens = adapter.tokens(emb.to(device))  # (N, T_u, D)
+            images = sample(
+                self.backbone,
+                prompts,
+                seeds,
+                s.steps,
+                s.guidance,
+                user_tokens=tokens,
+                user_scale=s.scale,
+                user_guidance=s.user_guidance,
+                batch_size=s.batch_size,
+            )
+        finally:
+            UserAdapter.uninstall(self.backbone.denoiser)
+        return to_uint8(images)
+
+
+# --------------------------------------------------------------------------------------------- users
+
+
+@dataclass(frozen=True)
+class UserCondition:
+    """A user as a model sees them: the shot set and its embedding (None for unconditioned models)."""
+
+    user_id: int
+    shot_set_id: str
+    embedding: np.ndarray | None  # (*shape) float32
+
+
+def first_shot_sets(embed_dir: Path, embedder: str) -> dict[int, tuple[str, np.ndarray]]:
+    """user id -> (shot set id, embedding) of the user's first shot set (training's choice too)."""
+    from ppd_core.embed.extract import read_embeddings
+
+    table, emb = read_embeddings(Path(embed_dir), embedder)
+    first: dict[int, tuple[str, np.ndarray]] = {}
+    for i, (uid, sid) in enumerate(
+        zip(table.column("user_id").to_pylist(), table.column("shot_set_id").to_pylist(), strict=True)
+    ):
+        first.setdefault(int(uid), (sid, emb[i]))
+    return first
+
+
+def known_user(embed_dir: Path, embedder: str | None, user_id: int) -> UserCondition:
+    if embedder is None:
+        return UserCondition(int(user_id), "", None)
+    table = first_shot_sets(embed_dir, embedder)
+    if int(user_id) not in table:
+        raise InputError(f"user {user_id} has no shot set in this run's embeddings ({embedder})")
+    sid, emb = table[int(user_id)]
+    return UserCondition(int(user_id), sid, emb)
+
+
+def shots_from_parquet(cfg: PPDConfig, path: Path, shots: int | None = None):
+    """A brand-new user's labelled pairs (Pick-a-Pic v2 schema, images included) -> a :class:`ShotSet`.
+
+    The file goes through the pipeline's own ingestion (schema check, quarantine, winner/loser
+    orientation, ties dropped), then the first ``shots`` (default ``fewshot.shots``) pairs in time order
+    form the set. Fewer usable pairs is an error naming the quarantine reasons."""
+    from ppd_core.data.fewshot import shot_set_id
+    from ppd_core.data.ingest import ingest
+    from ppd_core.data.pickapic import resolve_source
+    from ppd_core.embed.extract import to_shot_set
+
+    k = shots or cfg.fewshot.shots
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--shots {path}: no such file")
+    with tempfile.TemporaryDirectory(prefix="ppd-shots-") as tmp:
+        out = Path(tmp) / "ingest"
+        out.mkdir()
+        counts = ingest(cfg.ingest.model_copy(update={"images": "required"}), resolve_source(str(path)), out)
+        pairs = pq.read_table(out / "pairs").to_pylist() if (out / "pairs").exists() else []
+        pairs = [p for p in pairs if p.get("winner_uid") and p.get("loser_uid")]
+        pairs.sort(key=lambda p: (p["created_at"], p["pair_id"]))
+        users = {int(p["user_id"]) for p in pairs}
+        if len(pairs) < k:
+            raise InputError(
+                f"--shots {path}: {len(pairs)} usable labelled pair(s), {k} needed "
+                f"(quarantined: {counts.get('quarantine_reasons', counts.get('quarantined'))})"
+            )
+        if len(users) > 1:
+            raise InputError(f"--shots {path}: pairs of {len(users)} users; give one user's pairs")
+        chosen = pairs[:k]
+        row = {
+            "shot_set_id": shot_set_id([p["pair_id"] for p in chosen]),
+            "user_id": users.pop(),
+            "split": "new",
+            "pair_ids": [p["pair_id"] for p in chosen],
+            "captions": [p["caption"] for p in chosen],
+            "winner_uids": [p["winner_uid"] for p in chosen],
+            "loser_uids": [p["loser_uid"] for p in chosen],
+        }
+        shot_set = to_shot_set(row, out)
+        # the store caches by directory; load the images now, before the temporary directory goes
+        for shot in shot_set.shots:
+            shot.preferred.load()
+            shot.dispreferred.load()
+        return shot_set
+
+
+def new_user(cfg: PPDConfig, dirs: Mapping[str, Path], embedder: str | None, path: Path) -> UserCondition:
+    """Embed a brand-new user's pairs with ``embedder`` (the one the model was trained on)."""
+    from ppd_core.embed.extract import EmbedInputs, load_embedder
+
+    shot_set = shots_from_parquet(cfg, path)
+    if embedder is None:
+        return UserCondition(shot_set.user_id, shot_set.shot_set_id, None)
+    spec = next((e for e in cfg.embed.embedders if e.name == embedder), None)
+    if spec is None:
+        raise InputError(f"embedder {embedder!r} is not in embed.embedders")
+    world = Path(dirs["synthesize"]) / "world" if "synthesize" in dirs else None
+    if spec.kind == "true_preference":
+        raise InputError(
+            "the ppd_true model is conditioned on the synthetic world's true preference vectors, which a new "
+            "user's pairs do not give; use --model ppd"
+        )
+    inputs = EmbedInputs(dirs.get("fewshot"), dirs.get("ingest"), dirs.get("tiny_models"), world)
+    out = load_embedder(spec, inputs, cfg.embed.device).embed([shot_set])
+    return UserCondition(shot_set.user_id, shot_set.shot_set_id, out.embeddings[0].numpy().astype(np.float32))
+
+
+# --------------------------------------------------------------------------------------------- output
+
+
+def image_name(prompt_index: int, seed: int) -> str:
+    return f"p{prompt_index:03d}-s{seed}.png"
+
+
+def request_grid(
+    prompts: Sequence[str], seeds_per_prompt: int, first_seed: int = 0
+) -> tuple[list, list, list]:
+    """(prompt indices, prompts, seeds) for every prompt x seed, prompt-major."""
+    idx = [i for i in range(len(prompts)) for _ in range(seeds_per_prompt)]
+    seeds = [first_seed + j for _ in prompts for j in range(seeds_per_prompt)]
+    return idx, [prompts[i] for i in idx], seeds
+
+
+def write_images(
+    out_dir: Path, images: np.ndarray, prompt_index: Sequence[int], seeds: Sequence[int], request: dict
+) -> dict:
+    """Write ``p<i>-s<seed>.png`` files and a manifest atomically to ``out_dir`` (a complete earlier output
+    of the same request is replaced as a whole)."""
+    from ppd_core.manifest import commit, prepare_partial
+
+    out_dir = Path(out_dir).resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = prepare_partial(out_dir.with_name(f".{out_dir.name}.partial"))
+    rows = []
+    for img, i, seed in zip(images, prompt_index, seeds, strict=True):
+        name = image_name(i, seed)
+        Image.fromarray(img).save(partial / name)
+        rows.append(
+            {"file": name, "prompt_index": int(i), "prompt": request["prompts"][i], "seed": int(seed)}
+        )
+    (partial / "images.json").write_text(json.dumps(rows, indent=1) + "\n")
+    digest = hashlib.sha256(json.dumps(request, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    manifest = commit(
+        partial,
+        out_dir,
+        stage="generate",
+        fingerprint=digest,
+        code_version="1",
+        config=request,
+        upstream={},
+        counts={"images": len(rows), "prompts": len(request["prompts"])},
+    )
+    return {"directory": str(out_dir), "images": len(rows), "digest": manifest.digest}
