@@ -34,10 +34,10 @@ import pyarrow.parquet as pq
 
 from ppd_core.config import WorldConfig
 from ppd_core.data.world_render import (
-    REWARD_ARCHETYPE,
     ATTRIBUTES,
     CAPTIONS,
     LATENT_LIMIT,
+    REWARD_ARCHETYPE,
     WORLD_DIR,
     SyntheticWorld,
     decode_jpeg,
