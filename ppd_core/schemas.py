@@ -151,3 +151,59 @@ PROBE = pa.schema(
 # embed: ``<embed_dir>/<embedder>/shard-*.parquet`` has a width that depends on the embedder, so its
 # schema is built by ppd_core.embed.extract.shard_schema (fixed-size list<float32> "embedding" with
 # "embedding_shape", "embedding_dtype" and "embedder_identity" in the schema metadata).
+
+# evaluate: one row per judged comparison of a model against a baseline on the same user, prompt and
+# seed (one judge per table). reward_* is the primary reward (e.g. the user's oracle reward);
+# reward_std its population std for this row's user (a global std repeats one value), so that
+# (reward_model - reward_baseline) / reward_std is the reward gain in reward-std units.
+COMPARISONS = pa.schema(
+    [
+        ("user_id", pa.int64()),
+        ("group", pa.string()),  # "seen" | "unseen"
+        ("model", pa.string()),
+        ("baseline", pa.string()),
+        ("prompt", pa.string()),
+        ("seed", pa.int64()),
+        ("outcome", pa.int8()),  # 1 model wins, 0 baseline wins, -1 inconsistent / undecided
+        ("reward_model", pa.float64()),
+        ("reward_baseline", pa.float64()),
+        ("reward_std", pa.float64()),
+    ]
+)
+# evaluate: one row per (group, model, baseline); intervals are percentile cluster-bootstrap
+# intervals resampling users.
+WIN_RATES = pa.schema(
+    [
+        ("group", pa.string()),
+        ("model", pa.string()),
+        ("baseline", pa.string()),
+        ("n", pa.int64()),  # comparisons
+        ("n_users", pa.int64()),
+        ("n_consistent", pa.int64()),
+        ("wins", pa.int64()),
+        ("win_rate", pa.float64()),  # wins / n_consistent
+        ("win_rate_low", pa.float64()),
+        ("win_rate_high", pa.float64()),
+        ("inconsistency_rate", pa.float64()),  # 1 - n_consistent / n
+        ("reward_gain", pa.float64()),  # mean (reward_model - reward_baseline) / reward_std
+        ("reward_gain_low", pa.float64()),
+        ("reward_gain_high", pa.float64()),
+        ("confidence", pa.float64()),
+        ("n_boot", pa.int64()),
+    ]
+)
+# evaluate: the same statistics per (group, model, baseline, user), without intervals.
+USER_WIN_RATES = pa.schema(
+    [
+        ("group", pa.string()),
+        ("model", pa.string()),
+        ("baseline", pa.string()),
+        ("user_id", pa.int64()),
+        ("n", pa.int64()),
+        ("n_consistent", pa.int64()),
+        ("wins", pa.int64()),
+        ("win_rate", pa.float64()),
+        ("inconsistency_rate", pa.float64()),
+        ("reward_gain", pa.float64()),
+    ]
+)
