@@ -19,3 +19,7 @@ class InputError(PPDError):
 
 class StageError(PPDError):
     """A stage cannot run: a missing upstream output or an inconsistent request."""
+
+
+class RewardError(PPDError):
+    """A reward model cannot be loaded or asked: missing or mismatched weights, a bad reward spec."""

@@ -1,4 +1,4 @@
-"""The `tiny_models` stage: the offline default VLM and open_clip model, built once per run root.
+"""The `tiny_models` stage: the offline default VLM, open_clip model and reward models, built once per run root.
 
 Random weights from small configs (no download), saved with ``save_pretrained`` / open_clip's
 local-dir layout and later loaded back through the same ``from_pretrained`` /
@@ -16,8 +16,10 @@ from ppd_core.data.world_render import CAPTIONS
 def build_tiny_models(cfg: TinyModelsConfig, out_dir: Path) -> dict:
     from ppd_core.embed.clip import build_tiny_open_clip
     from ppd_core.embed.tiny_vlm import build_tiny_vlm
+    from ppd_core.evaluate.tiny_rewards import build_tiny_rewards
 
     build_tiny_vlm(out_dir / "vlm", cfg, corpus=CAPTIONS)
     build_tiny_open_clip(out_dir / "open_clip", cfg)
+    build_tiny_rewards(out_dir / "rewards", cfg)
     files = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file())
-    return {"models": ["vlm", "open_clip"], "files": len(files)}
+    return {"models": ["vlm", "open_clip", "rewards"], "files": len(files)}
