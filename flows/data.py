@@ -15,6 +15,7 @@ from ppd_core import pipeline
 from ppd_core.config import PPDConfig
 from ppd_core.manifest import is_complete, load_manifest
 from tasks.embed import embed_task
+from tasks.evaluate import evaluate_task
 from tasks.fewshot import fewshot_task
 from tasks.ingest import ingest_task
 from tasks.probe import probe_task
@@ -34,6 +35,8 @@ STAGE_TASKS = {
     "train_ppd": train_task.with_options(name="train_ppd"),
     "train_dpo": train_task.with_options(name="train_dpo"),
     "train_sft": train_task.with_options(name="train_sft"),
+    "train_ppd_true": train_task.with_options(name="train_ppd_true"),
+    "evaluate": evaluate_task,
 }
 
 

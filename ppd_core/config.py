@@ -470,6 +470,12 @@ class JudgeSpec(Section):
     model: str | None = Field(
         None, description="vlm judges: local dir or hub id (None: the tiny offline VLM)."
     )
+    limit: int | None = Field(
+        None,
+        ge=1,
+        description="Most comparisons per (group, model, baseline) and held-out pairs this judge sees (a seeded "
+        "subset; VLM judges are slow). None: all.",
+    )
 
 
 def _default_rewards() -> tuple[RewardSpec, ...]:
@@ -487,7 +493,7 @@ def _default_judges() -> tuple[JudgeSpec, ...]:
     return (
         JudgeSpec(name="oracle", kind="oracle"),
         JudgeSpec(name="aesthetic", kind="reward", reward="aesthetic"),
-        JudgeSpec(name="vlm", kind="vlm"),
+        JudgeSpec(name="vlm", kind="vlm", limit=16),
     )
 
 
@@ -519,6 +525,10 @@ class EvaluateConfig(Section):
     interpolation_alphas: tuple[float, ...] = Field(
         (0.0, 0.25, 0.5, 0.75, 1.0),
         description="Weights a of u = a*u_A + (1-a)*u_B in the interpolation study.",
+    )
+    interpolation_prompts: int = Field(8, ge=1, description="Prompts (one seed each) per interpolation weight.")
+    agreement_pairs: int = Field(
+        256, ge=1, description="Held-out labelled pairs on which each judge's agreement with the user is measured."
     )
     batch_size: int = volatile(64, "Images per sampler batch.", ge=1)
 

@@ -1,0 +1,225 @@
+"""The `evaluate` stage: every compared model generates for the same users, prompts and seeds; rewards
+score every image; judges decide model-vs-baseline comparisons; win rates with intervals, judge
+agreement with held-out labels, the interpolation study and the HTML report are written.
+
+Who is evaluated (DESIGN.md section 7): up to ``seen_users`` seen users with held-out prompts (conditioned
+on their first shot set, as in training) and up to ``unseen_users`` unseen users, each given one 4-pair
+shot set. Prompts are each user's held-out captions (never in that user's shots or training pairs).
+The synthetic world's reward users are not people: they appear only in the interpolation study.
+
+Outputs (``<root>/evaluate/<fp>/``)::
+
+    requests.parquet        user, group, shot set, prompt, seed (one row per image of every model)
+    images.parquet          model, request index, PNG bytes
+    rewards.parquet         model, request index, reward, score
+    comparisons.parquet     judge, model vs baseline per request, outcome, primary reward of both
+    win_rates.parquet       judge, group, model, baseline: win rate + interval, reward gain + interval
+    win_rates_per_user.parquet
+    judge_agreement.parquet judge agreement with the users' own held-out labels
+    interpolation.parquet   model, pair of reward users, weight, reward, mean score
+    grids/<model>.png, plots/*.png, report.html, summary.json
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from ppd_core.config import PPDConfig
+from ppd_core.errors import StageError
+from ppd_core.evaluate.generate import MODELS, ModelSet, Settings, embedder_for, first_shot_sets
+
+# (model, baseline) comparisons, when both are trained; "vs base" rows headline the report
+COMPARISONS = (
+    ("ppd", "base"),
+    ("ppd_true", "base"),
+    ("dpo", "base"),
+    ("sft", "base"),
+    ("ppd", "dpo"),
+    ("ppd", "sft"),
+)
+REFERENCE_IMAGES = 512  # dataset images whose reward spread defines "one reward std" per user
+
+
+def _png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _world(dirs: Mapping[str, Path]):
+    if "synthesize" not in dirs:
+        return None
+    from ppd_core.data.world_render import SyntheticWorld
+
+    return SyntheticWorld.load(dirs["synthesize"])
+
+
+# ------------------------------------------------------------------------------------------ requests
+
+
+def select_requests(
+    cfg: PPDConfig, fewshot_dir: Path, conditions: Mapping[int, str], exclude: set[int]
+) -> pa.Table:
+    """One row per (user, prompt, seed): seen users' held-out prompts, unseen users' prompts outside their
+    shot set. ``conditions``: user -> conditioning shot set id (users without one are skipped)."""
+    e = cfg.evaluate
+    rng = np.random.default_rng(e.seed)
+    pairs = pq.read_table(fewshot_dir / "eval_pairs.parquet").to_pylist()
+    prompts: dict[tuple[str, int], list[str]] = {}
+    for row in pairs:
+        uid = int(row["user_id"])
+        if uid in exclude or uid not in conditions or not row["caption"]:
+            continue
+        found = prompts.setdefault((row["split"], uid), [])
+        if row["caption"] not in found:
+            found.append(row["caption"])
+    rows = []
+    for group, most in (("seen", e.seen_users), ("unseen", e.unseen_users)):
+        users = sorted(u for g, u in prompts if g == group)
+        chosen = sorted(rng.permutation(users)[:most].tolist()) if users else []
+        for uid in chosen:
+            for prompt in prompts[(group, uid)][: e.prompts_per_user]:
+                for seed in range(e.seeds_per_prompt):
+                    rows.append(
+                        {
+                            "user_id": uid,
+                            "group": group,
+                            "shot_set_id": conditions[uid],
+                            "prompt": prompt,
+                            "seed": seed,
+                        }
+                    )
+    if not rows:
+        raise StageError("evaluate: no user has held-out prompts and a shot set (is the dataset too small?)")
+    return pa.Table.from_pylist(rows)
+
+
+def reference_images(ingest_dir: Path, n: int, seed: int) -> np.ndarray:
+    """uint8 (n, H, W, 3): a seeded sample of dataset images, resized to one size."""
+    from ppd_core.data.images import ImageStore
+
+    store = ImageStore(Path(ingest_dir) / "images")
+    uids = (
+        pq.read_table(Path(ingest_dir) / "images" / "index.parquet", columns=["image_uid"])
+        .column("image_uid")
+        .to_pylist()
+    )
+    chosen = np.random.default_rng(seed).permutation(len(uids))[:n]
+    images = [store.get_pil(uids[i]).convert("RGB") for i in chosen]
+    size = images[0].size
+    return np.stack([np.asarray(im.resize(size)) for im in images])
+
+
+# ------------------------------------------------------------------------------------------ stage
+
+
+def evaluate_stage(
+    cfg: PPDConfig,
+    dirs: Mapping[str, Path],
+    out_dir: Path,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    from ppd_core.evaluate import judging, report
+    from ppd_core.evaluate.interpolate import interpolation_study
+    from ppd_core.evaluate.rewards import load_rewards
+
+    out_dir = Path(out_dir)
+    world = _world(dirs)
+    exclude = set(world.reward_users().values()) if world is not None else set()
+    models = ["base", *[m for m in MODELS[1:] if f"train_{m}" in dirs]]
+    models_set = ModelSet.load(cfg, dirs, models)
+    first = first_shot_sets(dirs["embed"], cfg.embed.default)
+    requests = select_requests(cfg, dirs["fewshot"], {u: s for u, (s, _) in first.items()}, exclude)
+    pq.write_table(requests, out_dir / "requests.parquet")
+    users = requests.column("user_id").to_pylist()
+    prompts = requests.column("prompt").to_pylist()
+    seeds = requests.column("seed").to_pylist()
+    settings = Settings.from_config(cfg)
+    steps_total = len(models) + 3
+    done = 0
+
+    images: dict[str, np.ndarray] = {}
+    for model in models:
+        embedder = embedder_for(cfg, model)
+        emb = None
+        if embedder is not None:
+            table = first_shot_sets(dirs["embed"], embedder)
+            emb = np.stack([table[u][1] for u in users])  # (N, *shape)
+        images[model] = models_set.generate(model, prompts, seeds, emb, settings)  # (N, H, W, 3)
+        done += 1
+        if progress:
+            progress(done, steps_total)
+    pq.write_table(
+        pa.table(
+            {
+                "model": [m for m in models for _ in users],
+                "request": [i for _ in models for i in range(len(users))],
+                "png": [_png(img) for m in models for img in images[m]],
+            }
+        ),
+        out_dir / "images.parquet",
+    )
+
+    rewards, skipped = load_rewards(cfg.evaluate.rewards, dirs.get("tiny_models"), _world_dir(dirs))
+    scores = judging.score_all(rewards, images, prompts, users)  # {(model, reward): (N,)}
+    pq.write_table(judging.scores_table(scores), out_dir / "rewards.parquet")
+    primary = judging.primary_reward(rewards)
+    ref = reference_images(dirs["ingest"], REFERENCE_IMAGES, cfg.evaluate.seed)
+    reward_std = judging.reward_std(primary, ref, sorted(set(users)))  # user -> std
+    done += 1
+    if progress:
+        progress(done, steps_total)
+
+    shot_sets = judging.shot_sets(dirs["fewshot"], dirs["ingest"], requests.column("shot_set_id").to_pylist())
+    judges = judging.load_judges(cfg, rewards, world, dirs.get("tiny_models"))
+    pairs = [(m, b) for m, b in COMPARISONS if m in images and b in images]
+    comparisons = judging.compare(
+        cfg, judges, pairs, requests, images, shot_sets, scores.get, primary, reward_std
+    )
+    pq.write_table(comparisons, out_dir / "comparisons.parquet")
+    rates, per_user = judging.win_rate_tables(cfg, comparisons)
+    pq.write_table(rates, out_dir / "win_rates.parquet")
+    pq.write_table(per_user, out_dir / "win_rates_per_user.parquet")
+    agreement = judging.agreement_table(cfg, judges, dirs, set(users))
+    pq.write_table(agreement, out_dir / "judge_agreement.parquet")
+    done += 1
+    if progress:
+        progress(done, steps_total)
+
+    interpolation, monotone = interpolation_study(cfg, models_set, dirs, world, rewards)
+    pq.write_table(interpolation, out_dir / "interpolation.parquet")
+    pq.write_table(monotone, out_dir / "monotonicity.parquet")
+    summary = report.summarize(cfg, rates, agreement, monotone, skipped, requests)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    tables = {"win_rates": rates, "win_rates_per_user": per_user, "interpolation": interpolation}
+    report.write_report(cfg, out_dir, dirs, requests, images, summary, tables)
+    done += 1
+    if progress:
+        progress(done, steps_total)
+    return {
+        "requests": len(users),
+        "users_seen": len(
+            {u for u, g in zip(users, requests.column("group").to_pylist(), strict=True) if g == "seen"}
+        ),
+        "users_unseen": len(
+            {u for u, g in zip(users, requests.column("group").to_pylist(), strict=True) if g == "unseen"}
+        ),
+        "models": models,
+        "rewards": [r.name for r in rewards],
+        "rewards_skipped": skipped,
+        "judges": [j.name for j in judges],
+        "headline": summary["headline"],
+        "report": "report.html",  # relative to the stage directory
+    }
+
+
+def _world_dir(dirs: Mapping[str, Path]) -> Path | None:
+    return Path(dirs["synthesize"]) / "world" if "synthesize" in dirs else None
