@@ -1,0 +1,21 @@
+"""Helpers shared by several test packages."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+
+def chromium_binary() -> str | None:
+    """Debian's chromium, installed with apt-get when missing (None if that fails)."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found:
+        return found
+    if shutil.which("apt-get") is None:
+        return None
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
+        if subprocess.run(cmd, capture_output=True, env=env, timeout=900).returncode != 0:
+            return None
+    return shutil.which("chromium")

@@ -1,0 +1,37 @@
+"""A small but complete run through `evaluate` (tiny world, few steps), shared by the evaluation tests."""
+
+from __future__ import annotations
+
+import pytest
+
+from ppd_core import pipeline
+from ppd_core.config import load_config
+
+SMALL_RUN = [
+    "world.num_users=24",
+    "world.mean_pairs_per_user=30",
+    "pretrain.steps=30",
+    "train.steps=6",
+    "train.validate_every=6",
+    "train.checkpoint_every=6",
+    "evaluate.seen_users=4",
+    "evaluate.unseen_users=4",
+    "evaluate.prompts_per_user=2",
+    "evaluate.seeds_per_prompt=1",
+    "evaluate.interpolation_prompts=2",
+    "evaluate.agreement_pairs=16",
+    "evaluate.bootstrap=50",
+    "embed.embedders=[{name: vlm-image_diff, kind: vlm, readout: image_diff}, "
+    "{name: true-preference, kind: true_preference}]",
+]
+
+
+def small_config(root, *extra: str):
+    return load_config(None, [f"run.root={root}", *SMALL_RUN, *extra], environ={})
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory):
+    """(config, {stage: outcome}) of a complete small run."""
+    cfg = small_config(tmp_path_factory.mktemp("eval-run"))
+    return cfg, pipeline.run_stages(cfg, ["evaluate"])

@@ -1,0 +1,143 @@
+"""Generation: determinism, file naming that pairs models up, known and brand-new users, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ppd_core.errors import InputError, StageError
+from ppd_core.evaluate import generate as gen
+from ppd_core.pipeline import locate
+
+REPO = Path(__file__).resolve().parents[2]
+PPD = str(Path(sys.executable).with_name("ppd"))
+
+
+@pytest.fixture(scope="module")
+def models(small_run):
+    cfg, outcomes = small_run
+    dirs = {k: v.directory for k, v in outcomes.items()}
+    return cfg, dirs, gen.ModelSet.load(cfg, dirs, ["base", "ppd", "dpo"])
+
+
+def test_fixed_seeds_give_identical_images_whatever_the_batch(models):
+    cfg, dirs, ms = models
+    user = next(iter(gen.first_shot_sets(dirs["embed"], cfg.embed.default)))
+    cond = gen.known_user(dirs["embed"], cfg.embed.default, user)
+    prompts, seeds = ["a red circle", "a blue square", "a red circle"], [0, 1, 2]
+    one = ms.generate("ppd", prompts, seeds, cond.embedding)
+    two = ms.generate("ppd", prompts, seeds, cond.embedding, gen.Settings(batch_size=1))
+    assert one.dtype == np.uint8 and one.shape[0] == 3
+    np.testing.assert_allclose(one.astype(int), two.astype(int), atol=1)  # batch-size rounding only
+    np.testing.assert_array_equal(one, ms.generate("ppd", prompts, seeds, cond.embedding))
+    assert not np.array_equal(one[0], one[2])  # the seed matters
+
+
+def test_population_baselines_ignore_the_user(models):
+    cfg, dirs, ms = models
+    table = gen.first_shot_sets(dirs["embed"], cfg.embed.default)
+    (_, a), (_, b) = list(table.values())[:2]
+    prompts, seeds = ["a green triangle"] * 2, [0, 1]
+    dpo_a, dpo_b = ms.generate("dpo", prompts, seeds, a), ms.generate("dpo", prompts, seeds, b)
+    np.testing.assert_array_equal(dpo_a, dpo_b)  # population DPO ignores the user
+    base = ms.generate("base", prompts, seeds)
+    assert base.shape == dpo_a.shape
+
+
+def test_written_outputs_pair_up_by_file_name(models, tmp_path):
+    _, _, ms = models
+    prompts = ["a red circle", "a blue square"]
+    idx, plist, seeds = gen.request_grid(prompts, 2)
+    names = {}
+    for model in ("base", "dpo"):
+        images = ms.generate(model, plist, seeds)
+        result = gen.write_images(tmp_path / model, images, idx, seeds, {"model": model, "prompts": prompts})
+        assert result["images"] == 4
+        names[model] = sorted(p.name for p in (tmp_path / model).glob("*.png"))
+        assert json.loads((tmp_path / model / "manifest.json").read_text())["counts"]["images"] == 4
+    assert names["base"] == names["dpo"] == ["p000-s0.png", "p000-s1.png", "p001-s0.png", "p001-s1.png"]
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def _user_rows(dirs, n):
+    """n Pick-a-Pic v2 rows of one user from the run's synthetic source."""
+    src = pa.concat_tables(
+        [pq.read_table(f) for f in sorted((dirs["synthesize"] / "data").glob("*.parquet"))]
+    )
+    rows = [r for r in src.to_pylist() if r["has_label"] and r["label_0"] in (0.0, 1.0) and r["caption"]]
+    user = rows[0]["user_id"]
+    mine = [r for r in rows if r["user_id"] == user][:n]
+    return pa.Table.from_pylist(mine, schema=src.schema)
+
+
+def test_brand_new_user_from_a_pickapic_parquet(models, tmp_path):
+    cfg, dirs, ms = models
+    path = tmp_path / "shots.parquet"
+    pq.write_table(_user_rows(dirs, 6), path)
+    cond = gen.new_user(cfg, dirs, cfg.embed.default, path)
+    assert cond.embedding.shape == tuple(ms.embedding_shape("ppd"))
+    images = ms.generate("ppd", ["a red circle"], [0], cond.embedding)
+    assert images.shape[0] == 1
+
+
+def test_too_few_pairs_is_a_clear_error(models, tmp_path):
+    cfg, dirs, _ = models
+    path = tmp_path / "shots.parquet"
+    pq.write_table(_user_rows(dirs, 2), path)
+    with pytest.raises(InputError, match="usable labelled pair"):
+        gen.shots_from_parquet(cfg, path)
+
+
+def test_locate_refuses_stages_that_never_ran(small_run):
+    cfg, _ = small_run
+    other = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": 7})})
+    with pytest.raises(StageError, match="ppd run --stages train_ppd"):
+        locate(other, ["train_ppd"])
+
+
+def test_cli_generate_writes_images_and_rejects_mistakes(small_run, tmp_path):
+    from tests.evaluate.conftest import SMALL_RUN
+
+    cfg, outcomes = small_run
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\na blue square\n")
+    sets = [a for s in SMALL_RUN for a in ("--set", s)]
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    user = next(iter(gen.first_shot_sets(outcomes["embed"].directory, cfg.embed.default)))
+    base = [PPD, "generate", "--root", str(cfg.run.root), "--prompts", str(prompts), *sets]
+    ok = subprocess.run(
+        [
+            *base,
+            "--model",
+            "ppd",
+            "--user",
+            str(user),
+            "--seeds",
+            "2",
+            "--out",
+            str(tmp_path / "o"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout.strip().splitlines()[-1])["images"] == 4
+    bad = subprocess.run(
+        [*base, "--model", "teleport", "--user", str(user), "--out", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
+    assert bad.returncode == 2 and "choose one of" in bad.stderr and "Traceback" not in bad.stderr

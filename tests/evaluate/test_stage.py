@@ -1,0 +1,109 @@
+"""The evaluate stage's on-disk contract and its report, on a small complete run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pyarrow.parquet as pq
+import pytest
+
+from ppd_core.manifest import is_complete
+from ppd_core.schemas import COMPARISONS, WIN_RATES
+
+
+@pytest.fixture(scope="module")
+def evaluated(small_run):
+    cfg, outcomes = small_run
+    return cfg, outcomes["evaluate"].directory
+
+
+def test_every_model_answers_the_same_requests(evaluated):
+    cfg, out = evaluated
+    assert is_complete(out)
+    requests = pq.read_table(out / "requests.parquet")
+    images = pq.read_table(out / "images.parquet")
+    models = sorted(set(images.column("model").to_pylist()))
+    assert models == ["base", "dpo", "ppd", "ppd_true", "sft"]
+    assert images.num_rows == len(models) * requests.num_rows
+    groups = set(requests.column("group").to_pylist())
+    assert groups == {"seen", "unseen"}
+    per_user = {}
+    for r in requests.to_pylist():
+        per_user.setdefault(r["user_id"], set()).add(r["prompt"])
+    assert all(len(p) <= cfg.evaluate.prompts_per_user for p in per_user.values())
+
+
+def test_held_out_prompts_never_come_from_the_users_training_pairs(small_run, evaluated):
+    _, outcomes = small_run
+    _, out = evaluated
+    train = pq.read_table(outcomes["fewshot"].directory / "train_pairs.parquet").to_pylist()
+    seen_train = {(r["user_id"], r["caption"]) for r in train}
+    for r in pq.read_table(out / "requests.parquet").to_pylist():
+        if r["group"] == "seen":
+            assert (r["user_id"], r["prompt"]) not in seen_train
+
+
+def test_tables_follow_their_schemas(evaluated):
+    _, out = evaluated
+    comparisons = pq.read_table(out / "comparisons.parquet")
+    assert comparisons.schema.remove(comparisons.schema.get_field_index("judge")) == COMPARISONS
+    assert set(comparisons.column("outcome").to_pylist()) <= {-1, 0, 1}
+    rates = pq.read_table(out / "win_rates.parquet")
+    assert rates.schema.remove(0) == WIN_RATES
+    assert set(rates.column("judge").to_pylist()) == {"oracle", "aesthetic", "vlm"}
+    for r in rates.to_pylist():
+        if r["n_consistent"]:
+            assert r["win_rate_low"] <= r["win_rate"] <= r["win_rate_high"]
+    agreement = pq.read_table(out / "judge_agreement.parquet").to_pylist()
+    assert {a["judge"] for a in agreement} == {"oracle", "aesthetic", "vlm"}
+    oracle = next(a for a in agreement if a["judge"] == "oracle")
+    assert (
+        oracle["agreement"] > 0.6
+    )  # the oracle knows each user's true reward; labels are Bradley-Terry noisy
+
+
+def test_interpolation_covers_every_pair_of_reward_users(evaluated):
+    cfg, out = evaluated
+    table = pq.read_table(out / "interpolation.parquet").to_pylist()
+    pairs = {(r["model"], r["user_a"], r["user_b"]) for r in table}
+    assert len(pairs) == 2 * 3  # ppd and ppd_true, 3 pairs of the 3 reward users
+    alphas = {r["alpha"] for r in table}
+    assert alphas == set(cfg.evaluate.interpolation_alphas)
+    checks = pq.read_table(out / "monotonicity.parquet")
+    assert checks.num_rows == 2 * 3 * 2
+
+
+def test_summary_lists_targets_with_values(evaluated):
+    _, out = evaluated
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["primary_judge"] == "oracle"
+    names = [t["target"] for t in summary["targets"]]
+    assert "seen: 4-shot PPD beats base >= 0.70" in names
+    assert any("interpolation" in n for n in names)
+    assert "seen:ppd_vs_base" in summary["headline"]
+
+
+def test_report_renders_in_headless_chromium(evaluated, tmp_path):
+    from tests.conftest import chromium_binary
+
+    _, out = evaluated
+    report = out / "report.html"
+    text = report.read_text()
+    assert "data:image/png;base64," in text and "<table" in text  # self-contained
+    browser = chromium_binary()
+    if browser is None:
+        pytest.skip("chromium is not installed and apt-get could not install it")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000"]
+    dom = subprocess.run(
+        [browser, *flags, "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120
+    ).stdout
+    assert "Targets (DESIGN.md section 9)" in dom and "Headline win rates" in dom
+    assert dom.count("<img") >= 5  # plots and one grid per model
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [browser, *flags, f"--screenshot={shot}", "--window-size=1200,2400", report.as_uri()],
+        capture_output=True,
+        timeout=120,
+    )
+    assert shot.is_file() and shot.stat().st_size > 10_000
