@@ -40,7 +40,7 @@ STAGE_TASKS = {
 }
 
 
-@flow(name="ppd-data", retries=0, validate_parameters=True)
+@flow(name="ppd-data", retries=1, retry_delay_seconds=5, validate_parameters=True)
 def data_flow(config: PPDConfig, stages: list[str] | None = None) -> list[dict[str, Any]]:
     """Run the requested data stages (and whatever upstream they need) for one config."""
     logger = get_run_logger()

@@ -61,16 +61,41 @@ def build_command(
     raise StageError(f"unknown launcher {launcher!r}")
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived while training ran (a Prefect runner cancelling the flow run sends it)."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """In the main thread, turn SIGTERM into :class:`Terminated` so the group is killed before we exit
+    (the default action would end this process and orphan the ranks)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(
     cmd: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None, grace_s: float = 10.0
 ) -> None:
     """Run ``cmd`` in its own session, streaming output to ``log_path`` (and this process's stderr).
 
-    Raises StageError on a non-zero exit; kills the whole process group if interrupted."""
+    Raises StageError on a non-zero exit; kills the whole process group if interrupted (an exception,
+    Ctrl-C, or SIGTERM to this process)."""
     full_env = {**os.environ, **(env or {})}
     full_env.setdefault("PYTHONUNBUFFERED", "1")
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
+    with open(log_path, "ab") as log, _sigterm_raises():
         proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
         )

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,3 +114,41 @@ def test_interrupt_kills_the_whole_process_group(tmp_path):
     else:
         subprocess.run(["kill", "-9", str(grandchild)], check=False)
         pytest.fail("grandchild survived the group kill")
+
+
+def test_sigterm_to_the_caller_kills_the_whole_process_group(tmp_path):
+    """A Prefect runner cancels a flow run with SIGTERM: no rank may outlive the flow process."""
+    import signal
+    import subprocess
+
+    pidfile = tmp_path / "child.pid"
+    script = (
+        "import subprocess, sys, time\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        f"open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
+        "time.sleep(600)"
+    )
+    caller = (
+        "import sys; from pathlib import Path; from ppd_core.train import launch\n"
+        f"launch.run([sys.executable, '-c', {script!r}], Path({str(tmp_path / 'log.txt')!r}), grace_s=2)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", caller])
+    deadline = time.time() + 60
+    while not pidfile.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    grandchild = int(pidfile.read_text())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) != 0
+    deadline = time.time() + 10
+    while _alive(grandchild) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _alive(grandchild)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its reaper counts as dead)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
