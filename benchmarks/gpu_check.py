@@ -13,6 +13,7 @@ shape (29 x 3584, LLaVA-OneVision-7B hidden states; the adapter reads the last r
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import socket
@@ -77,6 +78,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed steps (after 3 warm-up steps)")
     ap.add_argument("--tiny", action="store_true", help="dry run on the tiny test checkpoint")
     ap.add_argument(
+        "--no-compare",
+        dest="compare",
+        action="store_false",
+        help="skip the reference-style loop (re-encode every step, a copied reference UNet)",
+    )
+    ap.add_argument(
         "--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")) / "gpu_check.json"
     )
     args = ap.parse_args()
@@ -136,6 +143,8 @@ def main() -> None:
         text = backbone.encode_prompt([f"a photo of object {i}" for i in range(p)] * 2)
     embedding_shape = (29, 3584) if not args.tiny else (3, 16)
     emb = torch.randn((p, *embedding_shape), generator=g, device=device)
+    # the reference-style loop's second model: a frozen copy of the UNet, taken before the adapter goes in
+    reference_unet = copy.deepcopy(backbone.denoiser).requires_grad_(False) if args.compare else None
     adapter = UserAdapter.from_unet(backbone.denoiser, embedding_shape, num_tokens=4, rows="last")
     adapter.install(backbone.denoiser)
     engine, _, _, _ = deepspeed.initialize(
@@ -162,6 +171,42 @@ def main() -> None:
         engine.step()
         return m["loss"]
 
+    captions = [f"a photo of object {i}" for i in range(p)] * 2
+
+    def reference_step(i: int) -> float:
+        """A reference-style step: images and captions re-encoded every step, a second (copied) UNet as
+        the DPO reference; the same adapter, loss and optimizer."""
+        from ppd_core.train.losses import diffusion_dpo_loss, per_sample_mse
+
+        gen = torch.Generator(device=device).manual_seed(i)
+        with torch.no_grad():
+            x0_i = backbone.encode_images(images.to(device), generator=gen)  # VAE every step
+            text_i = backbone.encode_prompt(captions)
+        noise = torch.randn((p, *x0_i.shape[1:]), generator=gen, device=device).repeat(2, 1, 1, 1)
+        t = backbone.sample_timesteps(p, generator=gen).repeat(2)
+        x_t, target = backbone.add_noise(x0_i, noise, t), backbone.target(x0_i, noise, t)
+        dtype = next(engine.module.parameters()).dtype
+        tokens, scale = engine.module.condition(emb.repeat(2, 1, 1).to(dtype), 1.0)
+        model_mse = per_sample_mse(backbone.denoise(x_t, t, text_i, tokens, scale), target)
+        with torch.no_grad():
+            unet_dtype = next(reference_unet.parameters()).dtype
+            ref = reference_unet(x_t.to(unet_dtype), t, encoder_hidden_states=text_i.to(unet_dtype)).sample
+            ref_mse = per_sample_mse(ref, target)
+        loss = diffusion_dpo_loss(model_mse, ref_mse, 2500.0).loss
+        engine.backward(loss)
+        engine.step()
+        return float(loss.detach())
+
+    def timed(fn, start: int) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for i in range(args.steps):
+            fn(start + i)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
     first = [step(i) for i in range(3)]
     if cuda:
         torch.cuda.synchronize()
@@ -170,6 +215,17 @@ def main() -> None:
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
+    peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None
+    if args.compare:
+        reference_step(100)  # warm-up
+        reference_s = timed(reference_step, 200)
+        ours_again_s = timed(step, 300)  # ours again: the machine's drift shows up here
+        ours_s = (seconds + ours_again_s) / 2
+        report.update(
+            reference_style_step_s=round(reference_s / args.steps, 4),
+            ours_again_step_s=round(ours_again_s / args.steps, 4),
+            ours_over_reference_style=round(reference_s / ours_s, 3),
+        )
     report.update(
         resolution=resolution,
         latent_shape=list(x0.shape[1:]),
@@ -182,7 +238,7 @@ def main() -> None:
         last_loss=round(losses[-1], 5),
         step_s=round(seconds / args.steps, 4),
         pairs_per_s=round(args.steps * p / seconds, 2),
-        peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        peak_gpu_memory_gib=peak,
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
