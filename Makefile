@@ -5,11 +5,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 ROOT ?= runs/demo
+PORT ?= 4200
 STAMP := $(VENV)/.ppd-installed
 export DS_ACCELERATOR ?= cpu
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: setup demo test test-slow lint bench docs gpu-check clean
+.PHONY: setup demo test test-slow lint bench docs gpu-check clean ui serve
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +41,16 @@ bench: setup
 	$(BIN)/python benchmarks/bench_ingest.py
 	$(BIN)/python benchmarks/bench_embed.py
 	$(BIN)/python benchmarks/bench_train.py
+
+# Prefect dashboard for $(ROOT) on 127.0.0.1:$(PORT) (SQLite under $(ROOT)/.prefect, earlier runs included);
+# while it runs, every ppd command on that root reports to it. Ctrl-C stops it.
+ui: setup
+	$(BIN)/ppd ui --root $(ROOT) --port $(PORT)
+
+# The deployments of deploy/prefect.yaml on their cron schedules, run by this process (uses the server of
+# `make ui` when it answers, else starts one); creates the `gpu` concurrency limit when missing.
+serve: setup
+	$(BIN)/ppd serve --root $(ROOT) --port $(PORT)
 
 # On a CUDA machine: SD 1.5-sized adapter training through DeepSpeed (bf16); prints pairs/s and peak memory.
 gpu-check: setup

@@ -51,6 +51,7 @@ def data_flow(config: PPDConfig, stages: list[str] | None = None) -> list[dict[s
         manifests = {u: load_manifest(d) for u, d in upstream_dirs.items()}
         p = pipeline.plan(config, stage, manifests)
         fresh = is_complete(p.directory)
+        started = time.time()
         t0 = time.perf_counter()
         state = STAGE_TASKS[stage].with_options(refresh_cache=not fresh)(
             config, stage, p.fingerprint, upstream_dirs, return_state=True
@@ -68,6 +69,7 @@ def data_flow(config: PPDConfig, stages: list[str] | None = None) -> list[dict[s
                 "output_dir": result["directory"],
                 "fingerprint": result["fingerprint"],
                 "cached": cached,
+                "started": round(started, 3),
                 "seconds": seconds,
                 "counts": result["counts"],
             }
