@@ -41,6 +41,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_ingest.py
 	$(BIN)/python benchmarks/bench_embed.py
 	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_pipeline.py
 
 # Prefect dashboard for $(ROOT) on 127.0.0.1:$(PORT) (SQLite under $(ROOT)/.prefect, earlier runs included);
 # while it runs, every ppd command on that root reports to it. Ctrl-C stops it.
