@@ -209,8 +209,9 @@ def interpolation_plot(table: pa.Table, path: Path) -> Path | None:
         mine = [r for r in rows if (r["model"], r["user_a"], r["user_b"]) == (model, a, b)]
         for reward in dict.fromkeys(r["reward"] for r in mine):
             pts = sorted((r["alpha"], r["mean"]) for r in mine if r["reward"] == reward)
-            ax.plot(*zip(*pts, strict=True), "o-", label=reward)
-        ax.set(title=f"{model}: a*{a} + (1-a)*{b}", xlabel="a", ylabel="mean reward")
+            alphas, means = np.array(pts).T
+            ax.plot(alphas, means - means[0], "o-", label=reward)  # change from a = 0: rewards differ in scale
+        ax.set(title=f"{model}: a*{a} + (1-a)*{b}", xlabel="a", ylabel="mean reward - value at a=0")
         ax.title.set_fontsize(8)
         ax.legend(fontsize=6)
     fig.tight_layout()
@@ -231,7 +232,9 @@ def _img(path: Path | None, alt: str) -> str:
 
 def _fmt(v) -> str:
     if isinstance(v, float):
-        return "nan" if not np.isfinite(v) else f"{v:.3f}"
+        if not np.isfinite(v):
+            return "nan"
+        return f"{v:.3f}" if v == 0 or 1e-2 <= abs(v) < 1e4 else f"{v:.2e}"
     return html.escape(str(v))
 
 
