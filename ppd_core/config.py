@@ -320,6 +320,12 @@ class BackboneConfig(Section):
         "auto", description="auto: what the checkpoint's scheduler says (the toy backbone uses v_prediction)."
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Frozen-weight dtype.")
+    effnet: str | None = Field(
+        None,
+        description="cascade: Stable Cascade's EfficientNet encoder for Stage-C training latents, a local "
+        "safetensors file or 'hub_repo/path/in/repo'. None: effnet_encoder.safetensors in a local model "
+        "directory, else stabilityai/stable-cascade/effnet_encoder.safetensors. Unused by toy and sd.",
+    )
 
 
 class PretrainConfig(Section):

@@ -16,8 +16,10 @@ Contracts:
 
 - **x0** is the Stage-C latent (B, 16, side, side): the Stable Cascade EfficientNet encoder's output as
   ``train/train_c.py`` of Stability-AI/StableCascade computes it (BatchNorm-normalised, no Wuerstchen
-  ``(x+1)/42`` scaling; PAPER.md section 11). That encoder is not part of diffusers, so
-  :meth:`~CascadeBackbone.encode_images` refuses: training latents come from a latent cache produced with it.
+  ``(x+1)/42`` scaling; PAPER.md section 11), from images at 32 * side px (768 for 1024). diffusers does not
+  ship that encoder: :mod:`ppd_core.models.effnet` does, and :meth:`~CascadeBackbone.encode_images` loads it
+  on first use from ``effnet`` (config ``backbone.effnet``; default: ``effnet_encoder.safetensors`` in a
+  local model directory, else the official ``stabilityai/stable-cascade`` file).
 - **Text** (``encode_prompt``): (B, 77 + 1, text_dim) = the text encoder's last-layer hidden states
   (``hidden_states[-1]``, before the final LayerNorm, as StableCascadePriorPipeline feeds ``clip_text``)
   with the pooled, projected ``text_embeds`` appended as token 78. ``denoise`` splits the last token off
@@ -62,6 +64,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,6 +80,15 @@ from ppd_core.config import BackboneConfig
 from ppd_core.errors import ConfigError, InputError, PPDError, StageError
 from ppd_core.models.adapter import UserBranch
 from ppd_core.models.backbone import Backbone
+from ppd_core.models.effnet import (
+    DOWNSCALE,
+    EFFNET_FILE,
+    default_effnet,
+    effnet_preprocess,
+    load_effnet,
+    resolve_effnet_file,
+    save_tiny_effnet,
+)
 from ppd_core.models.text import BOS_ID, CLIP_MAX_LENGTH, EOS_ID, VOCAB_SIZE, build_offline_clip_tokenizer
 from ppd_core.models.toy import state_digest
 
@@ -359,6 +371,7 @@ class CascadeBackbone(Backbone):
         model_id: str = KIND,
         resolution_multiple: float = RESOLUTION_MULTIPLE,
         decoder_model: str | Path | None = None,
+        effnet: str | Path | None = None,
     ) -> None:
         cfg = prior.config
         if cfg.clip_text_in_channels is None or cfg.clip_image_in_channels is None:
@@ -382,6 +395,8 @@ class CascadeBackbone(Backbone):
         self.resolution_multiple = float(resolution_multiple)
         self.decoder_model = decoder_model
         self._decoder = None  # StableCascadeDecoderPipeline, loaded on first decode
+        self.effnet = str(effnet) if effnet is not None else default_effnet(model_id)  # file or hub path
+        self._effnet = None  # EfficientNetEncoder, loaded on first encode_images
         self._weights_digest: str | None = None  # of the base weights; computed once, on demand
 
     # ----------------------------------------------------------------------------- construction
@@ -395,13 +410,15 @@ class CascadeBackbone(Backbone):
         prior_subfolder: str = "prior",
         variant: str | None = None,
         decoder_model: str | Path | None = None,
+        effnet: str | Path | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> CascadeBackbone:
         """Hub id or local directory in the ``stabilityai/stable-cascade-prior`` layout -> a frozen backbone in
         eval mode (dropout off: the prior's config has 0.1). ``prior_subfolder`` "prior_lite" picks the 1B
         prior; ``variant`` e.g. "bf16" picks the hub's half-size weight files. ``resolution``: None reads
-        ``backbone.json`` when there is one, else 1024. Weights are read in ``dtype`` directly."""
+        ``backbone.json`` when there is one, else 1024. Weights are read in ``dtype`` directly. ``effnet``: the
+        Stage-C image encoder (see :mod:`ppd_core.models.effnet`), read on first :meth:`encode_images`."""
         if prior_subfolder not in PRIOR_SUBFOLDERS:
             raise ConfigError(f"prior_subfolder must be one of {PRIOR_SUBFOLDERS}, got {prior_subfolder!r}")
         local = Path(model)
@@ -438,6 +455,7 @@ class CascadeBackbone(Backbone):
             model_id=str(model),
             resolution_multiple=index.get("resolution_multiple", RESOLUTION_MULTIPLE),
             decoder_model=decoder_model,
+            effnet=effnet,
         )
 
     @classmethod
@@ -447,14 +465,19 @@ class CascadeBackbone(Backbone):
         device: str | torch.device = "cpu",
         decoder_model: str | Path | None = None,
     ) -> CascadeBackbone:
-        """:meth:`load` from the ``backbone`` config section (model, resolution, dtype)."""
+        """:meth:`load` from the ``backbone`` config section (model, resolution, dtype, effnet)."""
         if cfg.kind != KIND or not cfg.model:
             raise ConfigError(f"backbone.kind={cfg.kind}, model={cfg.model!r}: not a cascade backbone config")
         if cfg.prediction_type not in ("auto", "epsilon"):
             raise ConfigError(f"the Stable Cascade prior predicts epsilon, not {cfg.prediction_type}")
         dtype = getattr(torch, cfg.dtype)
         return cls.load(
-            cfg.model, resolution=cfg.resolution, decoder_model=decoder_model, device=device, dtype=dtype
+            cfg.model,
+            resolution=cfg.resolution,
+            decoder_model=decoder_model,
+            effnet=cfg.effnet,
+            device=device,
+            dtype=dtype,
         )
 
     def networks(self) -> dict[str, nn.Module]:
@@ -463,8 +486,9 @@ class CascadeBackbone(Backbone):
 
     def save(self, directory) -> None:
         """Write the prior pipeline layout with each component's ``save_pretrained`` (the prior always into
-        ``prior/``, as the pipeline reads it), ``model_index.json`` and ``backbone.json``. Base weights only:
-        installed user branches are not part of the prior's state_dict (export them separately)."""
+        ``prior/``, as the pipeline reads it), ``model_index.json`` and ``backbone.json``, plus a copy of a local
+        EfficientNet encoder file (a hub one is fetched again). Base weights only: installed user branches are
+        not part of the prior's state_dict (export them separately)."""
         import diffusers
         import transformers
 
@@ -495,6 +519,10 @@ class CascadeBackbone(Backbone):
             "transformers_version": transformers.__version__,
         }
         (directory / BACKBONE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if Path(self.effnet).exists():  # a local encoder travels with the checkpoint
+            src, dest = resolve_effnet_file(self.effnet), directory / EFFNET_FILE
+            if not (dest.exists() and dest.samefile(src)):
+                shutil.copyfile(src, dest)
 
     # -------------------------------------------------------------------------------- interface
 
@@ -541,14 +569,17 @@ class CascadeBackbone(Backbone):
         pooled = out.text_embeds.unsqueeze(1)  # (B, 1, C)
         return torch.cat([hidden, pooled.to(hidden.dtype)], dim=1)  # (B, 78, C)
 
+    @torch.no_grad()
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Not available: Stage-C latents come from Stable Cascade's EfficientNet encoder (train_c.py), which
-        diffusers does not ship. Build the latent cache with that encoder and pass x0 tensors directly."""
-        raise CascadeUnsupportedError(
-            "the cascade backbone cannot encode images: Stage-C training latents must come from a latent cache "
-            "produced by the Stable Cascade EfficientNet encoder (Stability-AI/StableCascade train/train_c.py; "
-            "not in diffusers), 16 x ceil(resolution/42.67)^2 per image"
-        )
+        """uint8 (B, H, W, 3) or float (B, 3, H, W) in [0, 1] -> x0 (B, 16, side, side) float32: Stable Cascade's
+        EfficientNet encoder on the centre-cropped image resized to 32 * side px (768 at 1024), unscaled, as
+        train_c.py. The encoder runs in float32 whatever the prior's dtype (train_c.py keeps it out of bf16
+        autocast) and is deterministic: ``generator`` is unused."""
+        if self._effnet is None:
+            self._effnet = load_effnet(self.effnet, device=self.device)
+        side = self.x0_shape[-1]
+        x = effnet_preprocess(images, DOWNSCALE * side).to(self.device)  # (B, 3, 32 side, 32 side)
+        return self._effnet(x)  # (B, 16, side, side)
 
     def decode(
         self,
@@ -702,8 +733,10 @@ def tiny_text_encoder(seed: int = 0, width: int = 32) -> CLIPTextModelWithProjec
 
 def build_tiny_cascade(out_dir: str | Path, seed: int = 0) -> Path:
     """Write a tiny random prior checkpoint in the real ``stable-cascade-prior`` layout (plus backbone.json
-    at :data:`TINY_RESOLUTION`, i.e. 16 x 8 x 8 latents); :meth:`CascadeBackbone.load` reads it through the
-    same ``from_pretrained`` calls as the hub checkpoint. Same seed, same weights."""
+    at :data:`TINY_RESOLUTION`, i.e. 16 x 8 x 8 latents, and a random EfficientNet encoder file,
+    :func:`~ppd_core.models.effnet.save_tiny_effnet`, which ``load`` picks up as the default ``effnet``);
+    :meth:`CascadeBackbone.load` reads it through the same ``from_pretrained`` calls as the hub checkpoint.
+    Same seed, same weights."""
     out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = build_offline_clip_tokenizer(tmp)
@@ -716,4 +749,5 @@ def build_tiny_cascade(out_dir: str | Path, seed: int = 0) -> Path:
         model_id="tiny-cascade",
     )
     backbone.save(out_dir)
+    save_tiny_effnet(out_dir / EFFNET_FILE, seed)
     return out_dir

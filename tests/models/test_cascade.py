@@ -1,6 +1,7 @@
 """The Stable Cascade backbone on a tiny random prior: checkpoint layout and reload, the text contract,
 agreement with diffusers' StableCascadePriorPipeline, the Wuerstchen schedule, the user branch's
-exactness and gradients, sampling, and the two stages it does not own (encoder, decoder)."""
+exactness and gradients, sampling, Stable Cascade's EfficientNet encoder (Stage-C training latents, the
+latent cache and the first DPO loss on them) and the decoder it does not own."""
 
 from __future__ import annotations
 
@@ -10,13 +11,19 @@ import math
 import tempfile
 import warnings
 
+import huggingface_hub
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
+import torchvision.transforms.functional as TF
 from diffusers import DDPMWuerstchenScheduler, StableCascadeUNet
 from diffusers.models.attention_processor import AttnProcessor2_0
+from safetensors import safe_open
 
-from ppd_core.config import BackboneConfig
-from ppd_core.errors import ConfigError, InputError, PPDError
+from ppd_core.config import BackboneConfig, IngestConfig
+from ppd_core.data.images import ImageShardWriter, ImageStore, check_image
+from ppd_core.errors import ConfigError, InputError, PPDError, StageError
 from ppd_core.models.cascade import (
     TINY_RESOLUTION,
     CascadeBackbone,
@@ -29,11 +36,25 @@ from ppd_core.models.cascade import (
     tiny_text_encoder,
     uninstall_cascade_user_branch,
 )
+from ppd_core.models.effnet import (
+    EFFNET_FILE,
+    EFFNET_HUB,
+    default_effnet,
+    effnet_preprocess,
+    load_effnet,
+    resolve_effnet_file,
+    tiny_effnet,
+)
 from ppd_core.models.text import build_offline_clip_tokenizer
 from ppd_core.models.toy import state_digest
+from ppd_core.train.cache import LatentCache, cache_latents
+from tests.data.pickapic_factory import image_bytes
 
 CAPTIONS = ["a red circle", ""]
 BRANCH_KEYS = ["down_blocks-0-2", "down_blocks-1-2", "up_blocks-0-2", "up_blocks-1-2"]
+SMALL_RESOLUTION = (
+    128  # ceil(128 / 42.67) = 3: x0 (16, 3, 3) from 96 px encoder inputs (tiny_effnet's calibration size)
+)
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +65,12 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(tiny_dir):
     return CascadeBackbone.load(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def small(tiny_dir):
+    """The tiny prior at :data:`SMALL_RESOLUTION`, with the tiny checkpoint's own EfficientNet encoder."""
+    return CascadeBackbone.load(tiny_dir, resolution=SMALL_RESOLUTION)
 
 
 @pytest.fixture
@@ -84,6 +111,7 @@ def test_tiny_checkpoint_has_the_stable_cascade_prior_layout(tiny_dir):
         "tokenizer/tokenizer_config.json",
         "scheduler/scheduler_config.json",
         "backbone.json",
+        "effnet_encoder.safetensors",
     ):
         assert (tiny_dir / path).is_file(), path
     index = json.loads((tiny_dir / "model_index.json").read_text())
@@ -102,6 +130,7 @@ def test_load_is_bit_identical_to_the_built_weights_and_survives_save(tiny_dir, 
     bb.save(tmp_path / "again")
     again = CascadeBackbone.load(tmp_path / "again")
     assert again.identity() == {**bb.identity(), "model_id": str(tmp_path / "again")}
+    assert again.effnet == str(tmp_path / "again" / EFFNET_FILE)  # the local encoder file travels along
     for name, net in bb.networks().items():
         other = again.networks()[name].state_dict()
         assert all(torch.equal(v, other[k]) for k, v in net.state_dict().items()), name
@@ -325,14 +354,7 @@ def test_user_tokens_need_an_installed_branch_and_no_gradient_checkpointing(back
         backbone.denoise(x_t, t, text, u)
 
 
-# ------------------------------------------------------------------------------------------ stages A/B and the encoder
-
-
-def test_encode_images_explains_the_latent_cache(backbone):
-    with pytest.raises(CascadeUnsupportedError, match="EfficientNet") as info:
-        backbone.encode_images(torch.zeros(1, 3, TINY_RESOLUTION, TINY_RESOLUTION))
-    assert isinstance(info.value, PPDError) and isinstance(info.value, NotImplementedError)
-    assert "latent cache" in str(info.value)
+# ------------------------------------------------------------------------------------------ stages A/B
 
 
 def test_decode_without_a_decoder_is_refused(backbone):
@@ -403,3 +425,122 @@ def test_bfloat16_prior_with_float32_branches(tiny_dir, loaded):
     eps = bb.denoise(x_t, t, text, user_tokens(bb))
     assert eps.dtype == torch.float32 and eps.isfinite().all()
     assert not torch.equal(eps, bb.denoise(x_t, t, text))
+
+
+# ------------------------------------------------------------------------------------------ the EfficientNet encoder
+
+
+def test_effnet_file_has_the_stable_cascade_key_layout_and_loads_exactly(tiny_dir):
+    path = tiny_dir / EFFNET_FILE
+    built = tiny_effnet(0)
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+    assert keys == set(built.state_dict())
+    assert {
+        "backbone.0.0.weight",  # torchvision efficientnet_v2_s().features under "backbone."
+        "backbone.1.0.block.0.1.num_batches_tracked",  # the key ComfyUI recognises the real file by
+        "backbone.7.0.weight",  # the last 1x1 conv to 1280 channels
+        "mapper.0.weight",
+        "mapper.1.running_mean",
+        "mapper.1.running_var",
+    } <= keys
+    assert (
+        "mapper.0.bias" not in keys and "mapper.1.weight" not in keys
+    )  # Conv2d(bias=False), BatchNorm2d(affine=False)
+    encoder = load_effnet(path)
+    assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
+    g = torch.Generator().manual_seed(0)
+    x = effnet_preprocess(torch.rand(2, 3, 96, 96, generator=g), 96)  # (B, 3, 96, 96)
+    with torch.no_grad():
+        out = encoder(x)
+        assert torch.equal(out, built(x))
+    assert out.shape == (2, 16, 3, 3) and out.isfinite().all() and 0.1 < out.std() < 100
+
+
+def test_effnet_sources_local_default_and_hub(tiny_dir, monkeypatch):
+    local = tiny_dir / EFFNET_FILE
+    assert default_effnet(tiny_dir) == str(local)
+    assert default_effnet("stabilityai/stable-cascade-prior") == EFFNET_HUB
+    assert resolve_effnet_file(tiny_dir) == local  # a directory holding the file
+    calls = []
+
+    def fake_download(repo_id, filename):
+        calls.append((repo_id, filename))
+        return str(local)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    assert resolve_effnet_file(EFFNET_HUB) == local
+    assert calls == [("stabilityai/stable-cascade", "effnet_encoder.safetensors")]
+    with pytest.raises(StageError, match="no such file"):
+        resolve_effnet_file(tiny_dir / "missing.safetensors")
+    with pytest.raises(StageError, match="not Stable Cascade's EfficientNet encoder"):
+        load_effnet(tiny_dir / "prior" / "diffusion_pytorch_model.safetensors")
+    cfg = BackboneConfig(kind="cascade", model=str(tiny_dir), resolution=SMALL_RESOLUTION)
+    assert CascadeBackbone.from_config(cfg).effnet == str(local)
+    assert CascadeBackbone.from_config(cfg.model_copy(update={"effnet": EFFNET_HUB})).effnet == EFFNET_HUB
+
+
+def test_encode_images_gives_stage_c_latents_as_train_c_does(small, tiny_dir):
+    assert small.x0_shape == (16, 3, 3)
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (2, 48, 48, 3), dtype=torch.uint8, generator=g)  # (B, H, W, 3)
+    x0 = small.encode_images(pixels)
+    assert x0.shape == (2, *small.x0_shape) and x0.dtype == torch.float32 and x0.isfinite().all()
+    assert torch.equal(small.encode_images(pixels), x0)  # deterministic
+    floats = pixels.permute(0, 3, 1, 2).float() / 255  # (B, 3, H, W) in [0, 1]
+    assert torch.equal(small.encode_images(floats), x0)
+    # train_c.py's path spelled with torchvision: Resize (bilinear, antialias) to 32 x 3 px, ImageNet Normalize
+    resized = TF.resize(floats, [96, 96], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    normed = TF.normalize(resized, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    with torch.no_grad():
+        torch.testing.assert_close(x0, small._effnet(normed))  # unscaled latents
+    # the encoder stays float32 under a bf16 prior (train_c.py keeps it out of autocast)
+    bf16 = CascadeBackbone.load(tiny_dir, resolution=SMALL_RESOLUTION, dtype=torch.bfloat16)
+    assert torch.equal(bf16.encode_images(pixels), x0)
+
+
+class DirectTokens:
+    """Stands in for the adapter's ``condition``: the embeddings are the user tokens (B, N, cross_dim)."""
+
+    def condition(self, emb, scale, null):
+        return emb, (~null).float() * scale
+
+
+def test_cache_latents_on_the_tiny_cascade_then_the_first_dpo_loss_is_ln2(small, tmp_path):
+    from ppd_core.train.worker import pair_losses
+
+    uids = [f"img-{i}" for i in range(6)]
+    with ImageShardWriter(tmp_path / "ingest" / "images", 100) as writer:
+        for i, uid in enumerate(uids):
+            data = image_bytes(i, size=32)
+            writer.add(uid, data, check_image(data, IngestConfig()))
+    pairs = {"caption": ["a red circle", "a blue square", ""], "winner_uid": uids[:3], "loser_uid": uids[3:]}
+    fewshot = tmp_path / "fewshot"
+    fewshot.mkdir()
+    pq.write_table(pa.table(pairs), fewshot / "train_pairs.parquet")
+    pq.write_table(pa.table({k: v[:1] for k, v in pairs.items()}), fewshot / "eval_pairs.parquet")
+    out = tmp_path / "cache"
+    out.mkdir()
+    counts = cache_latents(small, tmp_path / "ingest", fewshot, out, batch=4)
+    assert (
+        counts["images"] == 6 and counts["x0_shape"] == [16, 3, 3] and counts["captions"] == 3
+    )  # "" among them
+
+    cache = LatentCache(out)
+    x0 = cache.x0(pairs["winner_uid"] + pairs["loser_uid"])  # (2P, 16, 3, 3): [winners | losers]
+    pixels = ImageStore(tmp_path / "ingest" / "images").get_array(uids, size=SMALL_RESOLUTION)
+    torch.testing.assert_close(x0, small.encode_images(torch.from_numpy(pixels)))
+    text = cache.text(pairs["caption"] * 2)  # (2P, 78, text_dim)
+
+    bb = copy.deepcopy(small)
+    branches = install_cascade_user_branch(bb.prior, bb.cross_attention_dim)
+    emb = torch.randn(3, 4, bb.cross_attention_dim, generator=torch.Generator().manual_seed(1))  # (P, N, D)
+
+    def first_loss():
+        g = torch.Generator().manual_seed(0)
+        return pair_losses(bb, DirectTokens(), "ppd", x0, text, emb, 2500.0, g, 0.0, 1.0)
+
+    loss, metrics = first_loss()  # gates 0: policy == reference
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-7) and metrics["implicit_acc"] == 0.5
+    set_gates(branches, 0.5)
+    assert first_loss()[0].item() != pytest.approx(math.log(2), abs=1e-4)  # the branch is live
