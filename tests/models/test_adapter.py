@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -319,3 +320,30 @@ def test_sd_export_requires_four_tokens(backbone, tmp_path):
     export_adapter(adapter, backbone, tmp_path, {}, None, require_diffusers=False)
     assert not read_metadata(tmp_path)["adapter"]["diffusers_loadable"]
     assert "Not loadable" in (tmp_path / CARD_NAME).read_text()
+
+
+def test_sdxl_export_loads_with_diffusers_load_ip_adapter(tmp_path):
+    """SDXL: the same export layout loads into StableDiffusionXLPipeline; scale 0 is the base pipeline."""
+    from diffusers import StableDiffusionXLPipeline
+
+    xl = load(str(build_tiny_sd(tmp_path / "xl", xl=True)))
+    adapter = fresh_adapter(xl)
+    perturb(adapter)
+    export_adapter(adapter, xl, tmp_path / "export", {"adapter": {"scale": 1.0}}, None, step=1)
+    pipe = StableDiffusionXLPipeline.from_pretrained(xl.model)
+    embeds = torch.randn(1, 1, EMBED_DIM, generator=torch.Generator().manual_seed(0))
+
+    def run(**kw):
+        return pipe(
+            "a red square", num_inference_steps=2, guidance_scale=1.0, height=32, width=32, output_type="np",
+            generator=torch.Generator().manual_seed(0), **kw,
+        ).images  # fmt: skip
+
+    base = run()
+    pipe.load_ip_adapter(
+        str(tmp_path / "export"), subfolder="", weight_name=WEIGHT_NAME, image_encoder_folder=None
+    )
+    pipe.set_ip_adapter_scale(0.0)
+    np.testing.assert_allclose(run(ip_adapter_image_embeds=[embeds]), base, atol=1e-5)
+    pipe.set_ip_adapter_scale(1.0)
+    assert not np.allclose(run(ip_adapter_image_embeds=[embeds]), base, atol=1e-4)
