@@ -22,6 +22,15 @@ from ppd_core.evaluate.winrates import per_user, win_rates
 from ppd_core.schemas import COMPARISONS
 
 ScoreLookup = Callable[[tuple[str, str]], np.ndarray | None]
+# (model, baseline) comparisons, made when both were generated; the "vs base" rows headline the report
+COMPARISON_PAIRS = (
+    ("ppd", "base"),
+    ("ppd_true", "base"),
+    ("dpo", "base"),
+    ("sft", "base"),
+    ("ppd", "dpo"),
+    ("ppd", "sft"),
+)
 
 
 def score_all(

@@ -22,10 +22,10 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from ppd_core.config import PPDConfig  # noqa: E402
+from ppd_core.evaluate.judging import COMPARISON_PAIRS  # noqa: E402
 from ppd_core.models.grids import save_grid  # noqa: E402
 
 GRID_USERS = 8  # rows per model grid
-HEADLINE = (
     ("ppd", "base"),
     ("ppd_true", "base"),
     ("dpo", "base"),
@@ -43,7 +43,7 @@ def headline(rates: pa.Table, judge: str) -> dict[str, dict]:
     """'<group>:<model>_vs_<baseline>' -> win rate, interval, reward gain, interval, users (one judge)."""
     out = {}
     for r in _rows(rates):
-        if r["judge"] != judge or (r["model"], r["baseline"]) not in HEADLINE:
+        if r["judge"] != judge or (r["model"], r["baseline"]) not in COMPARISON_PAIRS:
             continue
         out[f"{r['group']}:{r['model']}_vs_{r['baseline']}"] = {
             k: r[k]

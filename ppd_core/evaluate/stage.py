@@ -36,15 +36,6 @@ from ppd_core.config import PPDConfig
 from ppd_core.errors import StageError
 from ppd_core.evaluate.generate import MODELS, ModelSet, Settings, embedder_for, first_shot_sets
 
-# (model, baseline) comparisons, when both are trained; "vs base" rows headline the report
-COMPARISONS = (
-    ("ppd", "base"),
-    ("ppd_true", "base"),
-    ("dpo", "base"),
-    ("sft", "base"),
-    ("ppd", "dpo"),
-    ("ppd", "sft"),
-)
 REFERENCE_IMAGES = 512  # dataset images whose reward spread defines "one reward std" per user
 
 
@@ -180,7 +171,7 @@ def evaluate_stage(
 
     shot_sets = judging.shot_sets(dirs["fewshot"], dirs["ingest"], requests.column("shot_set_id").to_pylist())
     judges = judging.load_judges(cfg, rewards, world, dirs.get("tiny_models"))
-    pairs = [(m, b) for m, b in COMPARISONS if m in images and b in images]
+    pairs = [(m, b) for m, b in judging.COMPARISON_PAIRS if m in images and b in images]
     comparisons = judging.compare(
         cfg, judges, pairs, requests, images, shot_sets, scores.get, primary, reward_std
     )
