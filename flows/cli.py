@@ -3,10 +3,15 @@
 Spellings are a contract used by scripts and schedules::
 
     ppd run [--config FILE] [--root DIR] [--source PATH_OR_URL] [--stages a,b,...] [--set key=value]... [--json]
+    ppd backfill [--config FILE] --root DIR --source PATH_OR_URL --start YYYY-MM-DD --end YYYY-MM-DD [--force] [--json]
+    ppd status --root DIR [--json]
+    ppd ui --root DIR [--port 4200] [--background | --stop]
+    ppd serve [--config FILE] [--root DIR] [--set key=value]...
     ppd config show [--config FILE] [--set key=value]...
 
 Prefect runs in its embedded mode (a temporary local API, no server to start) with its database and
-result records under ``<root>/.prefect`` unless ``PREFECT_API_URL`` points at a server.
+result records under ``<root>/.prefect``, unless ``PREFECT_API_URL`` points at a server or a server
+started by ``ppd ui`` for that root answers (its URL is kept in ``<root>/.prefect/api_url``).
 """
 
 from __future__ import annotations
@@ -73,10 +78,15 @@ def _fail(e: Exception, code: int = 2) -> None:
 def configure_prefect(root: Path) -> None:
     """Point Prefect at the run root: embedded database and result records live under it.
 
+    A server that ``ppd ui`` started for this root is used while it answers its health check.
     Must run before prefect is imported (Prefect reads its settings at import)."""
+    from flows.server import live_api_url
+
     home = root / ".prefect"
     (home / "results").mkdir(parents=True, exist_ok=True)
     if not os.environ.get("PREFECT_API_URL"):
+        if url := live_api_url(root):
+            os.environ["PREFECT_API_URL"] = url
         os.environ.setdefault("PREFECT_HOME", str(home))
     os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(home / "results")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -101,6 +111,9 @@ def _print_report(report: list[dict], root: str) -> None:
         )
     out.print(table)
     out.print(f"Outputs are under [bold]{root}[/] (each stage: <root>/<stage>/<fingerprint>/manifest.json).")
+    for r in report:
+        if r["name"] == "evaluate" and r["counts"].get("report"):
+            out.print(f"Report: [bold]{Path(r['output_dir']) / r['counts']['report']}[/]")
 
 
 @app.command()
@@ -168,6 +181,190 @@ def run(
         _print_report(report, str(root_path))
 
 
+RootOpt = Annotated[
+    Path,
+    typer.Option(
+        "--root", help="Run root: all outputs, caches and the local Prefect database.", show_default=False
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+
+
+def _absolute_root(cfg: PPDConfig) -> PPDConfig:
+    return cfg.model_copy(
+        update={"run": cfg.run.model_copy(update={"root": str(Path(cfg.run.root).resolve())})}
+    )
+
+
+def _brief(value) -> str:
+    return "" if value is None else f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
+def _print_rows(title: str, rows: list[dict], columns: tuple[str, ...]) -> None:
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(*(_brief(r.get(c)) for c in columns))
+    out.print(table)
+
+
+PARTITION_COLUMNS = ("partition", "state", "rows", "quarantined", "seconds", "error")
+
+
+@app.command()
+def backfill(
+    root: RootOpt,
+    source: Annotated[
+        str, typer.Option("--source", help="Pick-a-Pic v2 Parquet: directory, glob or fsspec URL.")
+    ],
+    start: Annotated[str, typer.Option("--start", help="First creation day, YYYY-MM-DD.")],
+    end: Annotated[str, typer.Option("--end", help="Last creation day (inclusive), YYYY-MM-DD.")],
+    config: ConfigOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Recompute complete days too.")] = False,
+    lock_timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--lock-timeout", help="Seconds to wait for a day another process holds (default: wait)."
+        ),
+    ] = None,
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Ingest the source one creation day at a time: only days missing or failed, unless --force."""
+    from ppd_core.data.partitions import parse_day
+
+    extra = [f"run.root={root.expanduser().resolve()}", f"ingest.source={json.dumps(source)}"]
+    try:
+        cfg = _absolute_root(_resolve(config, set_, extra))
+        if parse_day(start, "--start") > parse_day(end, "--end"):
+            raise PPDError(f"--start {start} is after --end {end}")
+        from ppd_core import pipeline
+
+        pipeline.preflight(cfg)
+    except PPDError as e:
+        _fail(e)
+    configure_prefect(Path(cfg.run.root))
+    from flows.backfill import run_backfill  # imports prefect: after configure_prefect
+
+    try:
+        report = run_backfill(cfg, start, end, force=force, lock_timeout=lock_timeout)
+    except PPDError as e:
+        _fail(e)
+    if as_json:
+        sys.stdout.write(json.dumps({"root": cfg.run.root, "source": source, **report}, default=str) + "\n")
+    else:
+        _print_rows(f"ppd backfill {start}..{end}", report["partitions"], ("submitted", *PARTITION_COLUMNS))
+        if not report["partitions"]:
+            out.print(f"{source} has no rows created between {start} and {end}.")
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(root: RootOpt, as_json: JsonOpt = False) -> None:
+    """Per-stage table (latest task run of each stage, from the Prefect API) and the partition table."""
+    root = root.expanduser().resolve()
+    if not root.is_dir():
+        _fail(PPDError(f"{root}: no such run root"))
+    configure_prefect(root)
+    from flows.status import collect_status  # imports prefect: after configure_prefect
+
+    report = {
+        "root": str(root),
+        "api": os.environ.get("PREFECT_API_URL") or "embedded",
+        **collect_status(root),
+    }
+    if as_json:
+        sys.stdout.write(json.dumps(report, default=str) + "\n")
+        return
+    for r in [*report["stages"], *report["flow_runs"]]:
+        r["started"] = (r["start"] or "")[:19].replace("T", " ")
+    for r in report["stages"]:
+        r["counts_brief"] = ", ".join(
+            f"{k}={v}"
+            for k, v in r["counts"].items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        )[:160]
+    _print_rows("stages", report["stages"], ("name", "state", "started", "seconds", "counts_brief"))
+    _print_rows("flow runs", report["flow_runs"][:10], ("name", "flow", "state", "started", "seconds", "id"))
+    if report["partitions"]:
+        _print_rows("partitions", report["partitions"], PARTITION_COLUMNS)
+    out.print(f"Prefect API: {report['api']}")
+
+
+@app.command()
+def ui(
+    root: RootOpt,
+    port: Annotated[int, typer.Option("--port", help="Port on 127.0.0.1.")] = 4200,
+    background: Annotated[
+        bool, typer.Option("--background", help="Leave the server running and return (stop with --stop).")
+    ] = False,
+    stop: Annotated[bool, typer.Option("--stop", help="Stop the server started for this root.")] = False,
+) -> None:
+    """Start a local Prefect server and dashboard (SQLite under <root>/.prefect); later CLI calls use it."""
+    from flows import server
+
+    root = root.expanduser().resolve()
+    if stop:
+        out.print("stopped" if server.stop_server(root) else "no server recorded for this root")
+        return
+    if url := server.live_api_url(root):
+        out.print(f"Prefect dashboard already running: {server.dashboard_url(url)}")
+        return
+    try:
+        proc, api = server.start_server(root, port)
+    except PPDError as e:
+        _fail(e)
+    out.print(
+        f"Prefect dashboard: {server.dashboard_url(api)}  (API {api}; log {root / '.prefect' / server.LOG_FILE})"
+    )
+    if background:
+        out.print(f"Running in the background; stop it with: ppd ui --stop --root {root}")
+        return
+    server.wait_foreground(root, proc)
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    root: Annotated[
+        Path | None, typer.Option("--root", help="Run root of the scheduled runs.", show_default=False)
+    ] = None,
+    port: Annotated[int, typer.Option("--port", help="Port of the server started when none answers.")] = 4200,
+    set_: SetOpt = None,
+) -> None:
+    """Serve the deployments of deploy/prefect.yaml with their cron schedules (needs a Prefect server:
+    the one `ppd ui` started for this root, PREFECT_API_URL, or one started here)."""
+    from flows import server
+
+    extra = [f"run.root={root.expanduser().resolve()}"] if root is not None else []
+    try:
+        cfg = _absolute_root(_resolve(config, set_, extra))
+    except PPDError as e:
+        _fail(e)
+    root_path = Path(cfg.run.root)
+    configure_prefect(root_path)
+    started = None
+    if not os.environ.get("PREFECT_API_URL"):  # the embedded API has no scheduler
+        try:
+            started, api = server.start_server(root_path, port)
+        except PPDError as e:
+            _fail(e)
+        os.environ["PREFECT_API_URL"] = api
+    out.print(f"Prefect dashboard: {server.dashboard_url(os.environ['PREFECT_API_URL'])}")
+    from flows.serve import serve as serve_deployments  # imports prefect: after configure_prefect
+
+    try:
+        serve_deployments(cfg)
+    except PPDError as e:
+        _fail(e)
+    finally:
+        if started is not None:
+            server.stop_process(started.pid)
+            server.forget(root_path)
+
+
 @config_app.command("show")
 def config_show(
     config: ConfigOpt = None,
@@ -209,6 +406,11 @@ def config_reference(
     marker_line, _ = rest.split("\n", 1)
     tail = rest.split(end, 1)[1]
     write.write_text(f"{head}{start}{marker_line}\n{table}\n{end}{tail}")
+
+
+from flows.generate import generate_command  # noqa: E402 (the command reuses this module's helpers)
+
+app.command(name="generate")(generate_command)
 
 
 def main() -> None:  # pragma: no cover - console entry

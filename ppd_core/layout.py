@@ -4,6 +4,13 @@ One component owns the storage layout so no stage invents paths. A stage writes 
 sibling ``<root>/<stage>/.<fingerprint>.partial/`` and the directory is renamed into place when
 complete (see :mod:`ppd_core.manifest`). The run root also holds the local Prefect home (database,
 result records), so a run root is self-contained and can be moved or deleted as one unit.
+
+A stage run per date partition (backfills, :mod:`ppd_core.data.partitions`) writes the same kind of
+directory one level down, beside that partition's lock and status files::
+
+    <root>/partitions/<stage>/<partition>/<fingerprint>/      e.g. partitions/ingest/created_date=2023-05-01/
+    <root>/partitions/<stage>/<partition>/.<fingerprint>.partial/
+    <root>/partitions/<stage>/<partition>/status.json  .lock
 """
 
 from __future__ import annotations
@@ -22,11 +29,22 @@ class RunLayout:
     def stage_root(self, stage: str) -> Path:
         return self.root / stage
 
-    def stage_dir(self, stage: str, fingerprint: str) -> Path:
-        return self.root / stage / fingerprint
+    def stage_dir(self, stage: str, fingerprint: str, partition: str | None = None) -> Path:
+        return self._base(stage, partition) / fingerprint
 
-    def partial_dir(self, stage: str, fingerprint: str) -> Path:
-        return self.root / stage / f".{fingerprint}.partial"
+    def partial_dir(self, stage: str, fingerprint: str, partition: str | None = None) -> Path:
+        return self._base(stage, partition) / f".{fingerprint}.partial"
+
+    def _base(self, stage: str, partition: str | None) -> Path:
+        return self.root / stage if partition is None else self.partition_dir(stage, partition)
+
+    def partitions_root(self, stage: str) -> Path:
+        """Per-partition outputs of ``stage``: one directory per partition key below it."""
+        return self.root / "partitions" / stage
+
+    def partition_dir(self, stage: str, partition: str) -> Path:
+        """One partition's outputs (one per fingerprint), its ``status.json`` and ``.lock``."""
+        return self.partitions_root(stage) / partition
 
     @property
     def prefect_home(self) -> Path:

@@ -50,9 +50,10 @@ class Manifest(BaseModel):
     upstream: dict[str, str]
     files: dict[str, FileEntry]
     counts: dict[str, Any]
+    partition: str | None = None  # set for a per-partition output (e.g. created_date=2023-05-01)
 
     def path(self, root: str | Path) -> Path:
-        return RunLayout(root).stage_dir(self.stage, self.fingerprint)
+        return RunLayout(root).stage_dir(self.stage, self.fingerprint, self.partition)
 
 
 def sha256_file(path: Path) -> str:
@@ -142,6 +143,7 @@ def commit(
     config: Mapping[str, Any],
     upstream: Mapping[str, str],
     counts: Mapping[str, Any],
+    partition: str | None = None,
 ) -> Manifest:
     """Hash the partial directory's files, write the manifest last, rename into place."""
     files = {}
@@ -161,8 +163,11 @@ def commit(
         upstream=dict(upstream),
         files=files,
         counts=dict(counts),
+        partition=partition,
     )
-    atomic_write_bytes(partial / MANIFEST_NAME, manifest.model_dump_json(indent=2).encode())
+    # unpartitioned manifests keep their earlier bytes (no "partition": null)
+    blob = manifest.model_dump_json(indent=2, exclude={"partition"} if partition is None else None)
+    atomic_write_bytes(partial / MANIFEST_NAME, blob.encode())
     if final.exists():
         # an incomplete or tampered earlier output: move it aside first (directories cannot be replaced atomically)
         stale = final.with_name(f".{final.name}.stale-{uuid.uuid4().hex[:8]}")
@@ -193,16 +198,21 @@ def run_stage(
     config: Mapping[str, Any],
     upstream: Mapping[str, str],
     resume: bool = False,
+    partition: str | None = None,
+    force: bool = False,
 ) -> StageOutcome:
     """Reuse ``<root>/<stage>/<fingerprint>/`` when complete; otherwise ``build(partial_dir) -> counts`` and commit.
 
     ``resume=True`` keeps what an interrupted attempt left in the partial directory, for stages whose
-    work is split into shards that complete atomically.
+    work is split into shards that complete atomically. ``partition`` places the output under
+    ``<root>/partitions/<stage>/<partition>/`` (see :class:`RunLayout`); ``force=True`` rebuilds
+    even a complete directory, which the commit then replaces. Concurrent writers of one directory
+    must be serialised by the caller (partitions hold a file lock).
     """
-    final = layout.stage_dir(stage, fingerprint)
-    if is_complete(final):
+    final = layout.stage_dir(stage, fingerprint, partition)
+    if not force and is_complete(final):
         return StageOutcome(load_manifest(final), final, reused=True)
-    partial = prepare_partial(layout.partial_dir(stage, fingerprint), resume=resume)
+    partial = prepare_partial(layout.partial_dir(stage, fingerprint, partition), resume=resume and not force)
     counts = build(partial)
     manifest = commit(
         partial,
@@ -213,5 +223,6 @@ def run_stage(
         config=config,
         upstream=upstream,
         counts=counts,
+        partition=partition,
     )
     return StageOutcome(manifest, final, reused=False)

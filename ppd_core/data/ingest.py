@@ -24,6 +24,12 @@ Output (inside ``out_dir``)::
     pairs/created_date=YYYY-MM-DD/part-00000.parquet   schema PAIRS
     images/images-000000.tar ... sizes.json index.parquet   (absent when ingesting metadata only)
     quarantine/part-00000.parquet                       schema QUARANTINE (always written)
+
+``created_date="YYYY-MM-DD"`` ingests only the rows created on that day (UTC for zoned
+timestamps), the body of one backfill partition (:mod:`ppd_core.data.partitions`): row groups
+whose ``created_at`` statistics exclude the day are not read, the other rows are skipped before
+any check. Rows without ``created_at`` belong to no day and are left to a full ingest. Duplicate
+rows and pair ids carry their creation time, so per-day deduplication matches the full ingest's.
 """
 
 from __future__ import annotations
@@ -342,8 +348,49 @@ def _row_detail(reason: str, row: dict) -> str:
 # ------------------------------------------------------------------------------------------- stage
 
 
-def _plan(cfg: IngestConfig, files: list[SourceFile]) -> tuple[bool, int]:
-    """Check every file's schema before writing anything; returns (read images, total rows)."""
+def utc_date(value: dt.datetime) -> dt.date:
+    """The day of a timestamp as ingestion partitions it: naive values as they are, zoned ones in UTC."""
+    return (value.astimezone(dt.UTC) if value.tzinfo is not None else value).date()
+
+
+def created_at_stats(pf: pq.ParquetFile, group: int) -> tuple[dt.date, dt.date] | None:
+    """(first day, last day) of ``created_at`` in one row group from its statistics, None when unknown."""
+    meta = pf.metadata.row_group(group)
+    for j in range(meta.num_columns):
+        column = meta.column(j)
+        if column.path_in_schema == "created_at":
+            stats = column.statistics
+            if stats is None or not stats.has_min_max:
+                return None
+            lo, hi = stats.min, stats.max
+            if not (isinstance(lo, dt.datetime) and isinstance(hi, dt.datetime)):
+                return None
+            return utc_date(lo), utc_date(hi)
+    return None
+
+
+def _row_groups(pf: pq.ParquetFile, day: dt.date | None) -> list[tuple[int, int]] | None:
+    """(row group, its first row) of the groups that may hold rows of ``day``; None (all) without a day."""
+    if day is None:
+        return None
+    groups, first = [], 0
+    for g in range(pf.metadata.num_row_groups):
+        span = created_at_stats(pf, g)
+        if span is None or span[0] <= day <= span[1]:
+            groups.append((g, first))
+        first += pf.metadata.row_group(g).num_rows
+    return groups
+
+
+def _scanned_rows(pf: pq.ParquetFile, day: dt.date | None) -> int:
+    groups = _row_groups(pf, day)
+    if groups is None:
+        return pf.metadata.num_rows
+    return sum(pf.metadata.row_group(g).num_rows for g, _ in groups)
+
+
+def _plan(cfg: IngestConfig, files: list[SourceFile], day: dt.date | None = None) -> tuple[bool, int]:
+    """Check every file's schema before writing anything; returns (read images, rows to scan)."""
     if not files:
         raise InputError("ingest: no source files given")
     with_images, without, total = [], [], 0
@@ -351,7 +398,7 @@ def _plan(cfg: IngestConfig, files: list[SourceFile]) -> tuple[bool, int]:
         pf = open_parquet(f)
         try:
             (with_images if check_schema(pf.schema_arrow, f.url, cfg.images) else without).append(f.url)
-            total += pf.metadata.num_rows
+            total += _scanned_rows(pf, day)
         finally:
             pf.close()
     if with_images and without:
@@ -398,25 +445,23 @@ class _Ingestor:
         self.by_reason = dict.fromkeys(REASONS, 0)
         self.per_file: dict[str, dict[str, int]] = {}
 
-    def run_file(self, file: SourceFile, done: int, total: int, progress: Progress | None) -> int:
+    def run_file(
+        self, file: SourceFile, done: int, total: int, progress: Progress | None, day: dt.date | None = None
+    ) -> int:
         counts = self.per_file.setdefault(file.url, {"input": 0, "kept": 0, "quarantined": 0})
         pf = open_parquet(file)
-        row0 = 0
         try:
-            batches = pf.iter_batches(batch_size=self.cfg.batch_rows, columns=list(self.columns))
-            while True:
-                try:
-                    batch = next(batches, None)
-                except (pa.ArrowException, OSError) as e:
-                    raise InputError(f"{file.url}: not a readable Parquet file ({e})") from e
-                if batch is None:
-                    break
-                kept = self.run_batch(_normalise(batch, file.url), file.url, row0)
+            for row0, batch in self._batches(pf, file.url, day):
                 n = batch.num_rows
-                counts["input"] += n
+                rows = np.arange(row0, row0 + n, dtype=np.int64)  # source row of every batch row
+                batch = _normalise(batch, file.url)
+                if day is not None:
+                    on_day = _np(pc.equal(pc.cast(batch.column("created_at"), pa.date32()), day))
+                    batch, rows = batch.filter(pa.array(on_day)), rows[on_day]
+                kept = self.run_batch(batch, file.url, rows)
+                counts["input"] += batch.num_rows
                 counts["kept"] += kept
-                counts["quarantined"] += n - kept
-                row0 += n
+                counts["quarantined"] += batch.num_rows - kept
                 done += n
                 if progress is not None:
                     progress(done, total)
@@ -424,9 +469,28 @@ class _Ingestor:
             pf.close()
         return done
 
-    def run_batch(self, batch: pa.RecordBatch, url: str, row0: int) -> int:
-        """Route every row of ``batch``; returns how many were kept. Stages narrow ``alive``
-        (positions in ``sub``, the rows that passed the cheap checks) in reason order."""
+    def _batches(self, pf: pq.ParquetFile, url: str, day: dt.date | None):
+        """``(first source row, batch)`` over the file, or over the row groups that may hold ``day``."""
+        groups = _row_groups(pf, day)
+        streams = [(0, None)] if groups is None else [(first, [g]) for g, first in groups]
+        for row0, row_groups in streams:
+            batches = pf.iter_batches(
+                batch_size=self.cfg.batch_rows, row_groups=row_groups, columns=list(self.columns)
+            )
+            while True:
+                try:
+                    batch = next(batches, None)
+                except (pa.ArrowException, OSError) as e:
+                    raise InputError(f"{url}: not a readable Parquet file ({e})") from e
+                if batch is None:
+                    break
+                yield row0, batch
+                row0 += batch.num_rows
+
+    def run_batch(self, batch: pa.RecordBatch, url: str, source_rows: np.ndarray) -> int:
+        """Route every row of ``batch`` (``source_rows``: their row numbers in the file); returns how many were
+        kept. Stages narrow ``alive`` (positions in ``sub``, the rows that passed the cheap checks)
+        in reason order."""
         codes = _row_reason_codes(batch, self.images)
         reasons: dict[int, tuple[str, str]] = {}  # batch row -> (reason, detail)
         bad = np.flatnonzero(codes)
@@ -459,8 +523,8 @@ class _Ingestor:
                 if self.images:
                     self._write_images(kept, checks)
                 kept_ids = [p for p, f in zip(pair_ids, fresh.tolist(), strict=True) if f]
-                self._write_pairs(sub.take(pa.array(kept)), kept_ids, url, row0 + cand[kept])
-        self._write_quarantine(batch, reasons, url, row0)
+                self._write_pairs(sub.take(pa.array(kept)), kept_ids, url, source_rows[cand[kept]])
+        self._write_quarantine(batch, reasons, url, source_rows)
         return len(kept)
 
     def _check_images(
@@ -509,7 +573,7 @@ class _Ingestor:
             self.pairs.add(f"{PAIRS_PARTITION}={date}", table.filter(pa.array(days == day)))
 
     def _write_quarantine(
-        self, batch: pa.RecordBatch, reasons: dict[int, tuple[str, str]], url: str, row0: int
+        self, batch: pa.RecordBatch, reasons: dict[int, tuple[str, str]], url: str, source_rows: np.ndarray
     ) -> None:
         if not reasons:
             return
@@ -520,7 +584,7 @@ class _Ingestor:
         table = pa.table(
             {
                 "source_file": pa.array([url] * len(rows), pa.string()),
-                "source_row": pa.array([row0 + i for i in rows], pa.int64()),
+                "source_row": pa.array(source_rows[rows], pa.int64()),
                 "ranking_id": batch.column("ranking_id").take(idx),
                 "user_id": batch.column("user_id").take(idx),
                 "reason": pa.array([reasons[i][0] for i in rows], pa.string()),
@@ -548,19 +612,22 @@ def ingest(
     files: list[SourceFile],
     out_dir: Path,
     progress: Progress | None = None,
+    created_date: str | None = None,
 ) -> dict:
     """Stream ``files`` batch by batch into ``out_dir``; returns JSON-able counts for the manifest.
 
     Every file's schema is checked before anything is written. ``progress(rows_done, rows_total)``
-    is called after each batch (totals from the Parquet footers).
+    is called after each batch (totals from the Parquet footers). ``created_date`` (YYYY-MM-DD)
+    keeps only that day's rows: ``input_rows`` then counts the rows of that day.
     """
     out_dir = Path(out_dir)
-    images, total = _plan(cfg, files)
+    day = None if created_date is None else dt.date.fromisoformat(created_date)
+    images, total = _plan(cfg, files, day)
     state = _Ingestor(cfg, out_dir, images)
     done = 0
     try:
         for file in files:
-            done = state.run_file(file, done, total, progress)
+            done = state.run_file(file, done, total, progress, day)
         written = state.close()
     except BaseException:
         state.abort()
@@ -581,9 +648,12 @@ def ingest(
         "image_shards": written["shards"],
         "has_images": images,
     }
+    if created_date is not None:
+        counts["created_date"] = created_date
     # explicit checks (not `assert`, which -O strips): every row is accounted for exactly once
     if not (
-        input_rows == kept_rows + quarantined == total
+        input_rows == kept_rows + quarantined
+        and (day is not None or input_rows == total)
         and sum(by_reason.values()) == quarantined
         and sum(written["partitions"].values()) == kept_rows
     ):

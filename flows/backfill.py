@@ -1,0 +1,89 @@
+"""The backfill flow: ingest a source one creation day at a time, only the days not yet complete.
+
+Planning (which days the source holds, each day's fingerprint and idempotency key) and the
+per-day work, lock and status are :mod:`ppd_core.data.partitions`; this flow submits one
+``ingest_partition`` task per day that is missing or failed (every day with ``force``), waits, and
+publishes the partition table as an artifact. A day another process is writing is submitted too:
+its task waits on the day's lock and then reuses the finished output.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from ppd_core.config import PPDConfig
+from ppd_core.data import partitions
+from ppd_core.errors import PPDError
+from ppd_core.manifest import is_complete
+from tasks.partition import ingest_partition_task
+
+TABLE_COLUMNS = ("partition", "state", "submitted", "rows", "quarantined", "seconds", "error")
+
+
+@flow(name="ppd-backfill", validate_parameters=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
+def backfill_flow(
+    config: PPDConfig, start: str, end: str, force: bool = False, lock_timeout: float | None = None
+) -> list[dict[str, Any]]:
+    """Ingest the source's days between ``start`` and ``end`` (YYYY-MM-DD, inclusive)."""
+    logger = get_run_logger()
+    root = config.run.root
+    plans = partitions.plan_partitions(
+        config, partitions.parse_day(start, "start"), partitions.parse_day(end, "end")
+    )
+    before = partitions.partition_table(root, plans)
+    todo = [p for p, row in zip(plans, before, strict=True) if force or row["state"] != "completed"]
+    logger.info("%d day(s) with rows in %s..%s; %d to run", len(plans), start, end, len(todo))
+    for plan in todo:
+        partitions.mark_pending(root, plan)
+    futures = {
+        plan.day: ingest_partition_task.with_options(
+            refresh_cache=force or not is_complete(plan.directory)
+        ).submit(config, plan.day, plan.fingerprint, list(plan.files), force, lock_timeout)
+        for plan in todo
+    }
+    failed = [day for day, future in futures.items() if _failed(future)]
+    rows = [{**row, "submitted": row["day"] in futures} for row in partitions.partition_table(root, plans)]
+    if rows:
+        create_table_artifact(
+            [{k: _cell(r.get(k)) for k in TABLE_COLUMNS} for r in rows],
+            key="ppd-backfill-partitions",
+            description=f"Backfill {start}..{end} of {config.ingest.source}",
+        )
+    if failed:
+        raise partitions.PartitionsFailed(f"{len(failed)} partition(s) failed: {', '.join(failed)}", rows)
+    return rows
+
+
+def _failed(future) -> bool:
+    future.wait()
+    return future.state.is_failed() or future.state.is_crashed()
+
+
+def _cell(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def run_backfill(
+    config: PPDConfig, start: str, end: str, force: bool = False, lock_timeout: float | None = None
+) -> dict[str, Any]:
+    """Run the flow; returns ``{flow_run_id, ok, partitions}``. A user error raises PPDError."""
+    runner = ThreadPoolTaskRunner(max_workers=max(1, config.run.workers))
+    state = backfill_flow.with_options(task_runner=runner)(
+        config, start, end, force, lock_timeout, return_state=True
+    )
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, partitions.PartitionsFailed):
+        rows = result.rows
+    elif isinstance(result, PPDError | BaseException):
+        raise result
+    else:
+        rows = result
+    return {
+        "flow_run_id": str(state.state_details.flow_run_id),
+        "ok": state.is_completed(),
+        "partitions": rows,
+    }
