@@ -26,13 +26,6 @@ from ppd_core.evaluate.judging import COMPARISON_PAIRS  # noqa: E402
 from ppd_core.models.grids import save_grid  # noqa: E402
 
 GRID_USERS = 8  # rows per model grid
-    ("ppd", "base"),
-    ("ppd_true", "base"),
-    ("dpo", "base"),
-    ("sft", "base"),
-    ("ppd", "dpo"),
-    ("ppd", "sft"),
-)
 
 
 def _rows(table: pa.Table) -> list[dict]:
