@@ -532,9 +532,13 @@ class EvaluateConfig(Section):
         (0.0, 0.25, 0.5, 0.75, 1.0),
         description="Weights a of u = a*u_A + (1-a)*u_B in the interpolation study.",
     )
-    interpolation_prompts: int = Field(8, ge=1, description="Prompts (one seed each) per interpolation weight.")
+    interpolation_prompts: int = Field(
+        8, ge=1, description="Prompts (one seed each) per interpolation weight."
+    )
     agreement_pairs: int = Field(
-        256, ge=1, description="Held-out labelled pairs on which each judge's agreement with the user is measured."
+        256,
+        ge=1,
+        description="Held-out labelled pairs on which each judge's agreement with the user is measured.",
     )
     batch_size: int = volatile(64, "Images per sampler batch.", ge=1)
 

@@ -203,7 +203,9 @@ def interpolation_plot(table: pa.Table, path: Path) -> Path | None:
         for reward in dict.fromkeys(r["reward"] for r in mine):
             pts = sorted((r["alpha"], r["mean"]) for r in mine if r["reward"] == reward)
             alphas, means = np.array(pts).T
-            ax.plot(alphas, means - means[0], "o-", label=reward)  # change from a = 0: rewards differ in scale
+            ax.plot(
+                alphas, means - means[0], "o-", label=reward
+            )  # change from a = 0: rewards differ in scale
         ax.set(title=f"{model}: a*{a} + (1-a)*{b}", xlabel="a", ylabel="mean reward - value at a=0")
         ax.title.set_fontsize(8)
         ax.legend(fontsize=6)
