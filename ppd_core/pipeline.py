@@ -133,25 +133,33 @@ def expand(stages: Iterable[str] | None, cfg: PPDConfig) -> list[str]:
     return [s for s in STAGE_ORDER if s in needed]
 
 
+def _backbone_fields(cfg: PPDConfig) -> dict:
+    """The backbone section without keys its kind ignores (``effnet`` matters to cascade only)."""
+    fields = stable_fields(cfg.backbone)
+    if cfg.backbone.kind != "cascade":
+        fields.pop("effnet", None)
+    return fields
+
+
 def _section(cfg: PPDConfig, stage: str) -> BaseModel | dict:
     """The config a stage's output depends on (volatile fields are dropped by ``fingerprint``)."""
     if stage == "pretrain":
         return {"pretrain": stable_fields(cfg.pretrain), "resolution": cfg.backbone.resolution}
     if stage == "cache_latents":
-        return {"backbone": stable_fields(cfg.backbone)}
+        return {"backbone": _backbone_fields(cfg)}
     if stage in TRAIN_STAGES:
         skip = ("trainers", "ceiling_embedder")
         train = {k: v for k, v in stable_fields(cfg.train).items() if k not in skip}
         return {
             "train": train,
             "adapter": stable_fields(cfg.adapter),
-            "backbone": stable_fields(cfg.backbone),
+            "backbone": _backbone_fields(cfg),
             "embedder": train_embedder(cfg, stage),
         }
     if stage == "evaluate":
         return {
             "evaluate": stable_fields(cfg.evaluate),
-            "backbone": stable_fields(cfg.backbone),
+            "backbone": _backbone_fields(cfg),
             "embedder": cfg.embed.default,
             "embedders": [e.model_dump(mode="json") for e in cfg.embed.embedders],
         }
