@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -134,8 +135,15 @@ def evaluate_stage(
     prompts = requests.column("prompt").to_pylist()
     seeds = requests.column("seed").to_pylist()
     settings = Settings.from_config(cfg)
-    steps_total = len(models) + 3
-    done = 0
+    seconds: dict[str, float] = {}  # wall time of each phase
+    clock = [time.perf_counter()]
+
+    def mark(phase: str) -> None:
+        now = time.perf_counter()
+        seconds[phase] = round(now - clock[0], 2)
+        clock[0] = now
+        if progress:
+            progress(len(seconds), len(models) + 3)
 
     images: dict[str, np.ndarray] = {}
     for model in models:
@@ -145,9 +153,7 @@ def evaluate_stage(
             table = first_shot_sets(dirs["embed"], embedder)
             emb = np.stack([table[u][1] for u in users])  # (N, *shape)
         images[model] = models_set.generate(model, prompts, seeds, emb, settings)  # (N, H, W, 3)
-        done += 1
-        if progress:
-            progress(done, steps_total)
+        mark(f"generate_{model}")
     pq.write_table(
         pa.table(
             {
@@ -165,9 +171,7 @@ def evaluate_stage(
     primary = judging.primary_reward(rewards)
     ref = reference_images(dirs["ingest"], REFERENCE_IMAGES, cfg.evaluate.seed)
     reward_std = judging.reward_std(primary, ref, sorted(set(users)))  # user -> std
-    done += 1
-    if progress:
-        progress(done, steps_total)
+    mark("rewards")
 
     shot_sets = judging.shot_sets(dirs["fewshot"], dirs["ingest"], requests.column("shot_set_id").to_pylist())
     judges = judging.load_judges(cfg, rewards, world, dirs.get("tiny_models"))
@@ -181,9 +185,7 @@ def evaluate_stage(
     pq.write_table(per_user, out_dir / "win_rates_per_user.parquet")
     agreement = judging.agreement_table(cfg, judges, dirs, set(users))
     pq.write_table(agreement, out_dir / "judge_agreement.parquet")
-    done += 1
-    if progress:
-        progress(done, steps_total)
+    mark("judges")
 
     interpolation, monotone = interpolation_study(cfg, models_set, dirs, world, rewards)
     pq.write_table(interpolation, out_dir / "interpolation.parquet")
@@ -192,9 +194,7 @@ def evaluate_stage(
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     tables = {"win_rates": rates, "win_rates_per_user": per_user, "interpolation": interpolation}
     report.write_report(cfg, out_dir, dirs, requests, images, summary, tables)
-    done += 1
-    if progress:
-        progress(done, steps_total)
+    mark("interpolation_and_report")
     return {
         "requests": len(users),
         "users_seen": len(
@@ -208,7 +208,8 @@ def evaluate_stage(
         "rewards_skipped": skipped,
         "judges": [j.name for j in judges],
         "headline": summary["headline"],
-        "report": "report.html",  # relative to the stage directory
+        "report": "report.html",
+        "seconds": seconds,  # relative to the stage directory
     }
 
 
