@@ -187,7 +187,7 @@ class FewshotConfig(Section):
         8, ge=1, description="Users with fewer usable pairs are left out (with the reason in users.parquet)."
     )
     unseen_fraction: float = Field(
-        0.2,
+        0.25,
         ge=0,
         lt=1,
         description="Fraction of eligible users held out of training (chosen by a stable hash of the user id).",
@@ -333,9 +333,10 @@ class PretrainConfig(Section):
 
     seed: int = Field(0, description="Seed of initialisation, batches and noise.")
     steps: int = Field(
-        1000,
+        600,
         ge=1,
-        description="Optimizer steps (reference/TOY_WORLD.md: 1000 x 64 gives recognisable shapes).",
+        description="Optimizer steps (reference/TOY_WORLD.md: 1000 x 64 gives recognisable shapes, 600 is enough "
+        "for colours and most shapes and keeps make demo within its time budget).",
     )
     batch_size: int = Field(64, ge=1, description="Images per step.")
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
@@ -391,7 +392,9 @@ class TrainConfig(Section):
         "None: skip it.",
     )
     seed: int = Field(0, description="Seed of initialisation, data order, noise and timesteps.")
-    steps: int = Field(300, ge=1, description="Optimizer steps.")
+    steps: int = Field(
+        200, ge=1, description="Optimizer steps (200 x 16 pairs on the toy world keeps make demo in budget)."
+    )
     pairs_per_step: int = Field(
         16, ge=1, description="Pairs per optimizer step over all ranks (divisible by the world size)."
     )
@@ -424,7 +427,7 @@ class TrainConfig(Section):
     validate_every: int = volatile(
         100, "Steps between validation grids and held-out implicit accuracy.", ge=1
     )
-    validation_users: int = volatile(4, "Users (rows) in validation grids.", ge=1)
+    validation_users: int = volatile(2, "Users (rows) in validation grids.", ge=1)
     validation_prompts: int = volatile(4, "Prompts (columns) in validation grids.", ge=1)
     heldout_pairs: int = volatile(
         256, "Held-out pairs scored for implicit accuracy at each validation.", ge=1
@@ -513,7 +516,7 @@ class EvaluateConfig(Section):
     )
     prompts_per_user: int = Field(4, ge=1, description="Held-out prompts per user.")
     seeds_per_prompt: int = Field(
-        2, ge=1, description="Seeds per prompt; every model uses the same prompt and seed."
+        1, ge=1, description="Seeds per prompt; every model uses the same prompt and seed."
     )
     steps: int = Field(20, ge=1, description="Sampler steps (DDIM).")
     guidance: float = Field(3.0, ge=1, description="Classifier-free guidance on the caption (and user).")
