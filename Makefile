@@ -9,6 +9,8 @@ PORT ?= 4200
 STAMP := $(VENV)/.ppd-installed
 export DS_ACCELERATOR ?= cpu
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+# torch's OpenMP threads otherwise spin while waiting: on a busy 2-core machine a step got 10x slower
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup demo test test-slow lint bench docs gpu-check clean ui serve
 
