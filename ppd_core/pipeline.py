@@ -254,7 +254,7 @@ def _build(
         from ppd_core.train.stage import train_stage
 
         trainer, embedder = TRAINERS[p.stage], train_embedder(cfg, p.stage)
-        return lambda out: train_stage(cfg, trainer, dirs, out, embedder=embedder)
+        return lambda out: train_stage(cfg, trainer, dirs, out, embedder=embedder, progress=progress)
     if p.stage == "evaluate":
         from ppd_core.evaluate.stage import evaluate_stage
 

@@ -38,7 +38,9 @@ def cache_latents_task(
 
 @task(name="train", tags=["ppd", "train", "gpu"], **TASK_OPTIONS)
 def train_task(config: PPDConfig, stage: str, fingerprint: str, upstream_dirs: dict[str, str]) -> dict:
-    result = run_stage_body(config, stage, fingerprint, upstream_dirs)
+    result = run_stage_body(
+        config, stage, fingerprint, upstream_dirs, progress=progress_reporter(f"{stage} steps")
+    )
     c = result["counts"]
     create_markdown_artifact(
         f"**{stage}** `{result['directory']}`: {c.get('steps')} steps, held-out implicit accuracy "

@@ -10,7 +10,9 @@ checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import threading
 from pathlib import Path
 
 from ppd_core.config import PPDConfig
@@ -18,10 +20,43 @@ from ppd_core.manifest import atomic_write_json
 from ppd_core.train import launch
 
 
+class _MetricsWatcher(threading.Thread):
+    """Reports the last logged step of ``metrics.jsonl`` to ``progress(step, steps)`` while the ranks run."""
+
+    def __init__(self, path: Path, steps: int, progress, every_s: float = 2.0):
+        super().__init__(daemon=True)
+        self.path, self.steps, self.progress, self.every_s = path, steps, progress, every_s
+        self.done = threading.Event()
+
+    def last_step(self) -> int:
+        try:
+            lines = self.path.read_text().splitlines()
+            return int(json.loads(lines[-1])["step"]) if lines else 0
+        except (OSError, ValueError, KeyError, IndexError):
+            return 0  # not written yet, or a line being written
+
+    def report(self) -> None:
+        try:
+            self.progress(self.last_step(), self.steps)
+        except Exception as e:  # a progress display must never stop training
+            logging.getLogger(__name__).warning("training progress report failed: %s", e)
+
+    def run(self) -> None:
+        while not self.done.wait(self.every_s):
+            self.report()
+        self.report()
+
+
 def train_stage(
-    cfg: PPDConfig, trainer: str, dirs: dict[str, Path], out_dir: Path, embedder: str | None = None
+    cfg: PPDConfig,
+    trainer: str,
+    dirs: dict[str, Path],
+    out_dir: Path,
+    embedder: str | None = None,
+    progress=None,
 ) -> dict:
-    """Launch the ranks for ``trainer`` conditioned on ``embedder`` (default: ``cfg.embed.default``)."""
+    """Launch the ranks for ``trainer`` conditioned on ``embedder`` (default: ``cfg.embed.default``);
+    ``progress(step, steps)`` is called every few seconds from the rank-0 metrics log."""
     spec = {
         "config": cfg.model_dump(mode="json"),
         "trainer": trainer,
@@ -36,7 +71,15 @@ def train_stage(
         t.launcher, "ppd_core.train.worker", ["--spec", str(spec_path)], t.num_gpus, t.hostfile
     )
     env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu") if not _has_cuda() else "cuda"}
-    launch.run(cmd, out_dir / "launch.log", env=env)
+    watcher = _MetricsWatcher(out_dir / "metrics.jsonl", t.steps, progress) if progress else None
+    if watcher:
+        watcher.start()
+    try:
+        launch.run(cmd, out_dir / "launch.log", env=env)
+    finally:
+        if watcher:
+            watcher.done.set()
+            watcher.join(10)
     summary = json.loads((out_dir / "summary.json").read_text())
     return {k: v for k, v in summary.items() if k != "heldout_curve"}
 

@@ -73,11 +73,11 @@ def test_first_dpo_loss_is_ln2_and_only_the_adapter_learns(prepared):
     assert all(changed.values()), [k for k, c in changed.items() if not c]
 
 
-def _run(cfg, dirs, out: Path, *overrides):
+def _run(cfg, dirs, out: Path, *overrides, progress=None):
     if overrides:
         cfg = load_config(None, [f"run.root={cfg.run.root}", *BASE, *overrides], environ={})
     out.mkdir(parents=True, exist_ok=True)
-    return train_stage(cfg, "ppd", _spec_dirs(dirs), out)
+    return train_stage(cfg, "ppd", _spec_dirs(dirs), out, progress=progress)
 
 
 def _adapter_weights(out: Path) -> dict[str, torch.Tensor]:
@@ -86,8 +86,20 @@ def _adapter_weights(out: Path) -> dict[str, torch.Tensor]:
 
 def test_two_process_deepspeed_run(prepared, tmp_path):
     cfg, dirs = prepared
-    summary = _run(cfg, dirs, tmp_path / "two", "train.num_gpus=2", "train.zero_stage=2")
+    reports: list[tuple[int, int]] = []
+    summary = _run(
+        cfg,
+        dirs,
+        tmp_path / "two",
+        "train.num_gpus=2",
+        "train.zero_stage=2",
+        progress=lambda *a: reports.append(a),
+    )
     assert summary["steps"] == 6 and 0 <= summary["heldout_implicit_acc"] <= 1
+    assert reports and reports[-1] == (
+        6,
+        6,
+    )  # progress read from rank 0's metrics log, ending at the last step
     log = (tmp_path / "two" / "launch.log").read_text()
     assert "dist_world_size=2" in log
     lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
