@@ -9,11 +9,13 @@ Prefect): the manifest parses and every listed file exists with its recorded siz
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -226,3 +228,24 @@ def run_stage(
         partition=partition,
     )
     return StageOutcome(manifest, final, reused=False)
+
+
+@contextlib.contextmanager
+def staged_directory(out_dir: str | Path):
+    """Build a directory beside ``out_dir`` and swap it in whole when the block succeeds (an existing
+    ``out_dir`` is replaced); on any exception the staging directory is removed and ``out_dir`` is untouched.
+
+        with staged_directory(out) as staging:
+            write_files(staging)
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        yield staging
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from safetensors.torch import save_file
 from ppd_core.config import EmbedderSpec, TinyModelsConfig
 from ppd_core.embed.base import Embedder, EmbedOutput, ShotSet, weights_digest
 from ppd_core.errors import ConfigError
+from ppd_core.manifest import staged_directory
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
@@ -86,8 +85,7 @@ def build_tiny_open_clip(out_dir: Path, cfg: TinyModelsConfig) -> Path:
             "resize_mode": "shortest",
         },
     }
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_directory(out_dir) as staging:
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         # the factory builds the architecture from the config alone (no weights in the dir yet)
         with torch.random.fork_rng(devices=[]):
@@ -95,12 +93,6 @@ def build_tiny_open_clip(out_dir: Path, cfg: TinyModelsConfig) -> Path:
             model = open_clip.create_model(LOCAL_DIR + str(staging), device="cpu")
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         save_file(state, staging / WEIGHTS_FILE, metadata={"format": "pt"})
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 

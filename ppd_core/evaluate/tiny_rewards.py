@@ -19,9 +19,7 @@ Same config -> byte-identical files. The caller's torch RNG is untouched.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -30,6 +28,7 @@ from safetensors.torch import load_file
 from ppd_core.config import TinyModelsConfig
 from ppd_core.embed.clip import WEIGHTS_FILE, build_tiny_open_clip
 from ppd_core.evaluate.rewards import TINY_RECORD, AestheticMLP, file_sha256
+from ppd_core.manifest import staged_directory
 
 HF_WIDTH = 32  # tiny HF CLIP: 2 layers of width 32, 2 heads, patch 8
 HF_LAYERS = 2
@@ -127,16 +126,8 @@ def _build_aesthetic(out: Path, cfg: TinyModelsConfig) -> None:
 def build_tiny_rewards(out_dir: Path, cfg: TinyModelsConfig) -> Path:
     """Build every tiny reward into ``out_dir`` (staged beside it, then moved into place); return it."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_directory(out_dir) as staging:
         _build_hf_clips(staging, cfg)
         _build_hps(staging, cfg)
         _build_aesthetic(staging, cfg)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
