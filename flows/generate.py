@@ -62,8 +62,9 @@ def generate_command(
         prompt_list = [line.strip() for line in prompts.read_text().splitlines() if line.strip()]
         if not prompt_list:
             raise InputError(f"--prompts {prompts}: no prompts (one per line)")
-        wanted = ["embed"] + ([gen.TRAIN_STAGE[model]] if model != "base" else [])
-        wanted += ["pretrain"] if cfg.backbone.kind == "toy" and cfg.backbone.model is None else []
+        wanted = ["embed", *pipeline.backbone_stages(cfg)] + (
+            [gen.TRAIN_STAGE[model]] if model != "base" else []
+        )
         dirs = pipeline.locate(cfg, wanted)
         embedder = gen.embedder_for(cfg, model)
         if model == "base":

@@ -68,7 +68,7 @@ def upstream_of(stage: str, cfg: PPDConfig) -> tuple[str, ...]:
         return ("fewshot", "ingest", *tiny, *(world if needs_world(cfg.embed) else ()))
     if stage == "probe":
         return ("embed", "fewshot", *world)
-    toy = ("pretrain",) if cfg.backbone.kind == "toy" and cfg.backbone.model is None else ()
+    toy = backbone_stages(cfg)
     if stage == "pretrain":
         return ("ingest",)
     if stage == "cache_latents":
@@ -80,6 +80,11 @@ def upstream_of(stage: str, cfg: PPDConfig) -> tuple[str, ...]:
         ceiling = ("train_ppd_true",) if has_ceiling(cfg) else ()
         return ("fewshot", "ingest", "embed", "tiny_models", *toy, *trained, *ceiling, *world)
     return ()
+
+
+def backbone_stages(cfg: PPDConfig) -> tuple[str, ...]:
+    """Stages a backbone is loaded from: the toy model's ``pretrain``; none for a given checkpoint."""
+    return ("pretrain",) if cfg.backbone.kind == "toy" and cfg.backbone.model is None else ()
 
 
 def has_ceiling(cfg: PPDConfig) -> bool:
@@ -231,12 +236,12 @@ def _build(
     if p.stage == "embed":
         from ppd_core.embed.extract import EmbedInputs, embed_stage
 
-        inputs = EmbedInputs(dirs["fewshot"], dirs["ingest"], dirs.get("tiny_models"), _world(dirs))
+        inputs = EmbedInputs(dirs["fewshot"], dirs["ingest"], dirs.get("tiny_models"), world_dir(dirs))
         return lambda out: embed_stage(cfg.embed, inputs, out, map_fn=map_fn, progress=progress)
     if p.stage == "probe":
         from ppd_core.embed.probe_stage import probe_stage
 
-        return lambda out: probe_stage(cfg.probe, dirs["embed"], dirs["fewshot"], _world(dirs), out)
+        return lambda out: probe_stage(cfg.probe, dirs["embed"], dirs["fewshot"], world_dir(dirs), out)
     if p.stage == "pretrain":
         from ppd_core.train.pretrain import pretrain
 
@@ -262,8 +267,9 @@ def _build(
     raise StageError(f"no body for stage {p.stage}")
 
 
-def _world(dirs: Mapping[str, Path]) -> Path | None:
-    return dirs["synthesize"] / "world" if "synthesize" in dirs else None
+def world_dir(dirs: Mapping[str, Path]) -> Path | None:
+    """The synthetic world's ground truth (``<synthesize>/world``) among stage directories, if any."""
+    return Path(dirs["synthesize"]) / "world" if "synthesize" in dirs else None
 
 
 def execute(

@@ -207,3 +207,28 @@ USER_WIN_RATES = pa.schema(
         ("reward_gain", pa.float64()),
     ]
 )
+# evaluate: the interpolation study between reward users (ppd_core.evaluate.interpolate)
+INTERPOLATION = pa.schema(
+    [
+        ("model", pa.string()),
+        ("user_a", pa.string()),  # reward user A (its attribute / reward name)
+        ("user_b", pa.string()),
+        ("alpha", pa.float64()),  # weight of A
+        ("reward", pa.string()),
+        ("mean", pa.float64()),
+        ("std", pa.float64()),
+        ("n", pa.int64()),
+    ]
+)
+MONOTONICITY = pa.schema(
+    [
+        ("model", pa.string()),
+        ("user_a", pa.string()),
+        ("user_b", pa.string()),
+        ("reward", pa.string()),
+        ("direction", pa.string()),  # "rises with a" (reward A) | "falls with a" (reward B)
+        ("spearman", pa.float64()),  # signed so that +1 is the expected direction
+        ("max_step_against", pa.float64()),
+        ("monotone", pa.bool_()),
+    ]
+)

@@ -159,13 +159,15 @@ def _shot_set_rows(fewshot_dir: Path) -> dict[str, dict]:
     return {r["shot_set_id"]: r for r in read_shot_sets(fewshot_dir).to_pylist()}
 
 
-def _shot_sets_by_id(fewshot_dir: Path, ids: Sequence[str]) -> list[dict]:
+def shot_sets_by_id(fewshot_dir: Path, ids: Sequence[str]) -> list[dict]:
+    """shot_sets.parquet rows for ``ids``, in that order (the table is read once per directory)."""
     rows = _shot_set_rows(fewshot_dir)
     return [rows[i] for i in ids]
 
 
 @cache
-def _image_store(ingest_dir: Path):
+def image_store(ingest_dir: Path):
+    """The ingest stage's image store (opened once per directory)."""
     from ppd_core.data.images import ImageStore
 
     images = ingest_dir / "images"
@@ -177,7 +179,7 @@ def _image_store(ingest_dir: Path):
 
 
 def to_shot_set(row: Mapping, ingest_dir: Path) -> ShotSet:
-    store = _image_store(ingest_dir)
+    store = image_store(ingest_dir)
     shots = tuple(
         Shot(
             caption=caption or "",
@@ -264,7 +266,7 @@ def compute_shard(cfg: EmbedConfig, inputs: EmbedInputs, out_dir: Path, spec: Sh
             "reused": 0,
             "resumed": 1,
         }
-    rows = _shot_sets_by_id(inputs.fewshot, spec.shot_set_ids)
+    rows = shot_sets_by_id(inputs.fewshot, spec.shot_set_ids)
     # embeddings of these shot sets computed by earlier outputs with the same embedder identity
     reuse = _reuse_index(
         out_dir.parent, spec.embedder, schema.metadata[b"embedder_identity"].decode(), out_dir

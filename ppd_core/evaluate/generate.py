@@ -33,6 +33,7 @@ from ppd_core.config import PPDConfig
 from ppd_core.errors import InputError, StageError
 from ppd_core.models.adapter import UserAdapter
 from ppd_core.models.backbone import Backbone
+from ppd_core.pipeline import world_dir
 
 MODELS = ("base", "ppd", "ppd_true", "dpo", "sft")
 TRAIN_STAGE = {"ppd": "train_ppd", "ppd_true": "train_ppd_true", "dpo": "train_dpo", "sft": "train_sft"}
@@ -244,13 +245,12 @@ def new_user(cfg: PPDConfig, dirs: Mapping[str, Path], embedder: str | None, pat
     spec = next((e for e in cfg.embed.embedders if e.name == embedder), None)
     if spec is None:
         raise InputError(f"embedder {embedder!r} is not in embed.embedders")
-    world = Path(dirs["synthesize"]) / "world" if "synthesize" in dirs else None
     if spec.kind == "true_preference":
         raise InputError(
             "the ppd_true model is conditioned on the synthetic world's true preference vectors, which a new "
             "user's pairs do not give; use --model ppd"
         )
-    inputs = EmbedInputs(dirs.get("fewshot"), dirs.get("ingest"), dirs.get("tiny_models"), world)
+    inputs = EmbedInputs(dirs.get("fewshot"), dirs.get("ingest"), dirs.get("tiny_models"), world_dir(dirs))
     out = load_embedder(spec, inputs, cfg.embed.device).embed([shot_set])
     return UserCondition(shot_set.user_id, shot_set.shot_set_id, out.embeddings[0].numpy().astype(np.float32))
 

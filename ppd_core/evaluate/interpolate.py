@@ -10,43 +10,19 @@ seeds, and every reward scores the images. Reward A should rise with a and rewar
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from itertools import combinations
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from ppd_core.config import PPDConfig
-from ppd_core.evaluate.generate import ModelSet, Settings, embedder_for, first_shot_sets
+from ppd_core.evaluate.generate import ModelSet, Settings, embedder_for
 from ppd_core.evaluate.rewards import Reward
 from ppd_core.evaluate.winrates import monotonicity
+from ppd_core.schemas import INTERPOLATION, MONOTONICITY
 
 INTERPOLATED_MODELS = ("ppd", "ppd_true")
-INTERPOLATION = pa.schema(
-    [
-        ("model", pa.string()),
-        ("user_a", pa.string()),  # reward user A (its attribute / reward name)
-        ("user_b", pa.string()),
-        ("alpha", pa.float64()),  # weight of A
-        ("reward", pa.string()),
-        ("mean", pa.float64()),
-        ("std", pa.float64()),
-        ("n", pa.int64()),
-    ]
-)
-MONOTONICITY = pa.schema(
-    [
-        ("model", pa.string()),
-        ("user_a", pa.string()),
-        ("user_b", pa.string()),
-        ("reward", pa.string()),
-        ("direction", pa.string()),  # "rises with a" (reward A) | "falls with a" (reward B)
-        ("spearman", pa.float64()),  # signed so that +1 is the expected direction
-        ("max_step_against", pa.float64()),
-        ("monotone", pa.bool_()),
-    ]
-)
 
 
 def attribute_rewards(cfg: PPDConfig, rewards: Sequence[Reward]) -> dict[str, Reward]:
@@ -60,9 +36,14 @@ def attribute_rewards(cfg: PPDConfig, rewards: Sequence[Reward]) -> dict[str, Re
 
 
 def interpolation_study(
-    cfg: PPDConfig, models: ModelSet, dirs: Mapping[str, Path], world, rewards: Sequence[Reward]
+    cfg: PPDConfig,
+    models: ModelSet,
+    conditions: Callable[[str], Mapping[int, tuple[str, np.ndarray]]],
+    world,
+    rewards: Sequence[Reward],
 ) -> tuple[pa.Table, pa.Table]:
-    """(INTERPOLATION rows, MONOTONICITY rows); empty without reward users."""
+    """(INTERPOLATION rows, MONOTONICITY rows); empty without reward users. ``conditions(embedder)``: user ->
+    (first shot set id, embedding), as the evaluate stage reads it once per embedder."""
     rows, checks = [], []
     if world is None:
         return INTERPOLATION.empty_table(), MONOTONICITY.empty_table()
@@ -75,7 +56,7 @@ def interpolation_study(
     for model in INTERPOLATED_MODELS:
         if model not in models.adapters:
             continue
-        table = first_shot_sets(dirs["embed"], embedder_for(cfg, model))
+        table = conditions(embedder_for(cfg, model))
         present = [a for a in users if users[a] in table]
         for a, b in combinations(present, 2):
             u_a, u_b = table[users[a]][1], table[users[b]][1]

@@ -76,11 +76,12 @@ def reward_std(reward: Reward | None, reference: np.ndarray, users: Sequence[int
 
 def shot_sets(fewshot_dir: Path, ingest_dir: Path, ids: Sequence[str]) -> dict[str, object]:
     """shot set id -> ShotSet with images (what a VLM judge is shown)."""
-    from ppd_core.embed.extract import to_shot_set
+    from ppd_core.embed.extract import shot_sets_by_id, to_shot_set
 
-    wanted = set(ids)
-    rows = pq.read_table(Path(fewshot_dir) / "shot_sets.parquet").to_pylist()
-    return {r["shot_set_id"]: to_shot_set(r, Path(ingest_dir)) for r in rows if r["shot_set_id"] in wanted}
+    wanted = list(dict.fromkeys(ids))
+    return {
+        r["shot_set_id"]: to_shot_set(r, Path(ingest_dir)) for r in shot_sets_by_id(Path(fewshot_dir), wanted)
+    }
 
 
 def load_judges(cfg: PPDConfig, rewards: Sequence[Reward], world, tiny_models: Path | None) -> list[Judge]:
@@ -174,45 +175,39 @@ def win_rate_tables(cfg: PPDConfig, comparisons: pa.Table) -> tuple[pa.Table, pa
 
 
 def agreement_table(
-    cfg: PPDConfig, judges: Sequence[Judge], dirs: Mapping[str, Path], users: set[int]
+    cfg: PPDConfig,
+    judges: Sequence[Judge],
+    dirs: Mapping[str, Path],
+    first: Mapping[int, tuple[str, np.ndarray]],
+    sets: Mapping[str, object],
 ) -> pa.Table:
-    """Each judge's agreement with held-out labelled pairs of the evaluated users (their own choices)."""
-    from ppd_core.data.images import ImageStore
+    """Each judge's agreement with held-out labelled pairs of the evaluated users (their own choices).
+
+    ``first``: user -> (conditioning shot set id, embedding) of the evaluated users; ``sets``: those shot sets."""
+    from ppd_core.embed.extract import image_store
 
     e = cfg.evaluate
-    rows = [
-        r
-        for r in pq.read_table(Path(dirs["fewshot"]) / "eval_pairs.parquet").to_pylist()
-        if r["user_id"] in users
-    ]
+    evaluated = {u for u, (sid, _) in first.items() if sid in sets}
+    pairs = pq.read_table(Path(dirs["fewshot"]) / "eval_pairs.parquet").to_pylist()
+    rows = [r for r in pairs if r["user_id"] in evaluated]
     rows = [
         rows[i] for i in sorted(np.random.default_rng(e.seed).permutation(len(rows))[: e.agreement_pairs])
     ]
     if not rows:
         return pa.table({"judge": pa.array([], pa.string())})
-    from ppd_core.evaluate.generate import first_shot_sets
-
-    first = first_shot_sets(dirs["embed"], cfg.embed.default)
-    sets = shot_sets(
-        dirs["fewshot"], dirs["ingest"], [first[r["user_id"]][0] for r in rows if r["user_id"] in first]
-    )
-    store = ImageStore(Path(dirs["ingest"]) / "images")
-
-    def load(uid: str) -> np.ndarray:
-        return np.asarray(store.get_pil(uid).convert("RGB"))
-
+    store = image_store(Path(dirs["ingest"]))
+    winners = np.stack(
+        [np.asarray(store.get_pil(r["winner_uid"]).convert("RGB")) for r in rows]
+    )  # (P, H, W, 3)
+    losers = np.stack([np.asarray(store.get_pil(r["loser_uid"]).convert("RGB")) for r in rows])
+    users = [int(r["user_id"]) for r in rows]
+    shots = [sets[first[u][0]] for u in users]
+    prompts = [r["caption"] or "" for r in rows]
     out = []
     for judge in judges:
-        limit = _limit(cfg, judge) or len(rows)
-        part = rows[:limit]
+        n = _limit(cfg, judge) or len(rows)
         result = judge_agreement(
-            judge,
-            [int(r["user_id"]) for r in part],
-            [sets.get(first.get(r["user_id"], ("",))[0]) for r in part],
-            [r["caption"] or "" for r in part],
-            np.stack([load(r["winner_uid"]) for r in part]),
-            np.stack([load(r["loser_uid"]) for r in part]),
-            rng_seed=e.seed,
+            judge, users[:n], shots[:n], prompts[:n], winners[:n], losers[:n], rng_seed=e.seed
         )
         out.append({"judge": judge.name, **result})
     return pa.Table.from_pylist(out)

@@ -36,6 +36,7 @@ from PIL import Image
 from ppd_core.config import PPDConfig
 from ppd_core.errors import StageError
 from ppd_core.evaluate.generate import MODELS, ModelSet, Settings, embedder_for, first_shot_sets
+from ppd_core.pipeline import world_dir
 
 REFERENCE_IMAGES = 512  # dataset images whose reward spread defines "one reward std" per user
 
@@ -128,7 +129,14 @@ def evaluate_stage(
     exclude = set(world.reward_users().values()) if world is not None else set()
     models = ["base", *[m for m in MODELS[1:] if f"train_{m}" in dirs]]
     models_set = ModelSet.load(cfg, dirs, models)
-    first = first_shot_sets(dirs["embed"], cfg.embed.default)
+    by_embedder: dict[str, dict] = {}  # embedder -> user -> (first shot set id, embedding), read once each
+
+    def conditions(embedder: str) -> dict:
+        if embedder not in by_embedder:
+            by_embedder[embedder] = first_shot_sets(dirs["embed"], embedder)
+        return by_embedder[embedder]
+
+    first = conditions(cfg.embed.default)
     requests = select_requests(cfg, dirs["fewshot"], {u: s for u, (s, _) in first.items()}, exclude)
     pq.write_table(requests, out_dir / "requests.parquet")
     users = requests.column("user_id").to_pylist()
@@ -150,7 +158,7 @@ def evaluate_stage(
         embedder = embedder_for(cfg, model)
         emb = None
         if embedder is not None:
-            table = first_shot_sets(dirs["embed"], embedder)
+            table = conditions(embedder)
             emb = np.stack([table[u][1] for u in users])  # (N, *shape)
         images[model] = models_set.generate(model, prompts, seeds, emb, settings)  # (N, H, W, 3)
         mark(f"generate_{model}")
@@ -165,7 +173,7 @@ def evaluate_stage(
         out_dir / "images.parquet",
     )
 
-    rewards, skipped = load_rewards(cfg.evaluate.rewards, dirs.get("tiny_models"), _world_dir(dirs))
+    rewards, skipped = load_rewards(cfg.evaluate.rewards, dirs.get("tiny_models"), world_dir(dirs))
     scores = judging.score_all(rewards, images, prompts, users)  # {(model, reward): (N,)}
     pq.write_table(judging.scores_table(scores), out_dir / "rewards.parquet")
     primary = judging.primary_reward(rewards)
@@ -183,11 +191,11 @@ def evaluate_stage(
     rates, per_user = judging.win_rate_tables(cfg, comparisons)
     pq.write_table(rates, out_dir / "win_rates.parquet")
     pq.write_table(per_user, out_dir / "win_rates_per_user.parquet")
-    agreement = judging.agreement_table(cfg, judges, dirs, set(users))
+    agreement = judging.agreement_table(cfg, judges, dirs, first, shot_sets)
     pq.write_table(agreement, out_dir / "judge_agreement.parquet")
     mark("judges")
 
-    interpolation, monotone = interpolation_study(cfg, models_set, dirs, world, rewards)
+    interpolation, monotone = interpolation_study(cfg, models_set, conditions, world, rewards)
     pq.write_table(interpolation, out_dir / "interpolation.parquet")
     pq.write_table(monotone, out_dir / "monotonicity.parquet")
     summary = report.summarize(cfg, rates, agreement, monotone, skipped, requests)
@@ -195,23 +203,16 @@ def evaluate_stage(
     tables = {"win_rates": rates, "win_rates_per_user": per_user, "interpolation": interpolation}
     report.write_report(cfg, out_dir, dirs, requests, images, summary, tables)
     mark("interpolation_and_report")
+    groups = dict(zip(users, requests.column("group").to_pylist(), strict=True))  # user -> seen | unseen
     return {
         "requests": len(users),
-        "users_seen": len(
-            {u for u, g in zip(users, requests.column("group").to_pylist(), strict=True) if g == "seen"}
-        ),
-        "users_unseen": len(
-            {u for u, g in zip(users, requests.column("group").to_pylist(), strict=True) if g == "unseen"}
-        ),
+        "users_seen": sum(g == "seen" for g in groups.values()),
+        "users_unseen": sum(g == "unseen" for g in groups.values()),
         "models": models,
         "rewards": [r.name for r in rewards],
         "rewards_skipped": skipped,
         "judges": [j.name for j in judges],
         "headline": summary["headline"],
-        "report": "report.html",
-        "seconds": seconds,  # relative to the stage directory
+        "report": "report.html",  # relative to the stage directory
+        "seconds": seconds,
     }
-
-
-def _world_dir(dirs: Mapping[str, Path]) -> Path | None:
-    return Path(dirs["synthesize"]) / "world" if "synthesize" in dirs else None
