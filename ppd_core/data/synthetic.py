@@ -88,7 +88,9 @@ def choose_archetypes(count: int, rng: np.random.Generator) -> np.ndarray:
     """``count`` unit preference vectors (count, A), each +-1 on two attributes, as separated as possible.
 
     Greedy picks from all two-attribute sign patterns (random restarts), minimising the largest
-    pairwise cosine first and how unevenly attributes are used second.
+    pairwise cosine first, the norm of their sum second (a population without a shared taste, so
+    one global shift, what population DPO learns, cannot stand in for personalisation), and how
+    unevenly attributes are used third.
     """
     a = len(ATTRIBUTES)
     cands = []
@@ -117,7 +119,12 @@ def choose_archetypes(count: int, rng: np.random.Generator) -> np.ndarray:
             spread = ((used[chosen].sum(axis=0) + used[rest]) ** 2).sum(axis=1) * (restart % 2 == 0)
             chosen.append(int(rest[np.lexsort((spread, worst_cos))[0]]))
         pair_cos = cos[np.ix_(chosen, chosen)][np.triu_indices(count, 1)]
-        score = (round(float(pair_cos.max(initial=-1.0)), 6), float((used[chosen].sum(axis=0) ** 2).sum()))
+        imbalance = round(float(np.linalg.norm(cands[chosen].sum(axis=0))), 6)  # the population's shared taste
+        score = (
+            round(float(pair_cos.max(initial=-1.0)), 6),
+            imbalance,
+            float((used[chosen].sum(axis=0) ** 2).sum()),
+        )
         if best_score is None or score < best_score:
             best, best_score = chosen, score
     return cands[best]
