@@ -1,4 +1,5 @@
-"""The data flow: synthesize (toy) -> ingest -> fewshot -> [tiny_models] -> embed -> probe, each a cached Prefect task.
+"""The data flow: synthesize (toy) -> ingest -> [tiny_models] -> relabel -> fewshot -> embed -> probe, each a cached
+Prefect task.
 
 A stage is a cache hit when Prefect holds a record for its fingerprint *and* its output directory
 verifies against its manifest; a missing or tampered directory forces a refresh of that stage only.
@@ -19,6 +20,7 @@ from tasks.evaluate import evaluate_task
 from tasks.fewshot import fewshot_task
 from tasks.ingest import ingest_task
 from tasks.probe import probe_task
+from tasks.relabel import relabel_task
 from tasks.synthesize import synthesize_task
 from tasks.tiny_models import tiny_models_task
 from tasks.train import cache_latents_task, pretrain_task, train_task
@@ -26,8 +28,9 @@ from tasks.train import cache_latents_task, pretrain_task, train_task
 STAGE_TASKS = {
     "synthesize": synthesize_task,
     "ingest": ingest_task,
-    "fewshot": fewshot_task,
     "tiny_models": tiny_models_task,
+    "relabel": relabel_task,
+    "fewshot": fewshot_task,
     "embed": embed_task,
     "probe": probe_task,
     "pretrain": pretrain_task,

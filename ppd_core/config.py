@@ -123,12 +123,6 @@ class WorldConfig(Section):
         description="Fraction of rows that reuse an earlier image of the same caption (image uids repeat across rows, as in Pick-a-Pic).",
     )
     quirks: QuirkRates = Field(default_factory=QuirkRates, description="Rates of real-data quirks.")
-    reward_users: tuple[Literal["brightness", "warmth", "saturation", "size", "position"], ...] = Field(
-        ("brightness", "saturation", "size"),
-        description="Reward models as users (the multi-reward experiment): one extra user per listed attribute whose "
-        "labels follow that single attribute (stand-ins for CLIP score, aesthetic and HPS). Always seen users.",
-    )
-    reward_user_rows: int = Field(150, ge=1, description="Labelled rows of each reward user.")
     start_date: dt.date = Field(dt.date(2023, 5, 1), description="First creation date.")
     days: int = Field(30, ge=1, description="Rows are spread over this many days.")
     rows_per_file: int = Field(2000, ge=1, description="Rows per Parquet shard.")
@@ -558,6 +552,24 @@ class EvaluateConfig(Section):
         return self
 
 
+class RelabelConfig(Section):
+    """The `relabel` stage: reward models as users (the multi-reward experiment, DESIGN.md section 7)."""
+
+    rewards: tuple[str, ...] = Field(
+        ("brightness", "saturation", "size"),
+        description="Names of evaluate.rewards entries that become users: each relabels a sample of ingested pairs "
+        "by its own score (on the synthetic world the attribute rewards stand in for CLIP score, aesthetic and HPS). "
+        "Rewards the environment lacks (no synthetic world, ImageReward not installed) are skipped and recorded.",
+    )
+    rows_per_reward: int = Field(
+        150, ge=1, description="Ingested pairs drawn and relabelled per reward (ties dropped)."
+    )
+    seed: int = Field(0, description="Seed of the pair sample and of the reward users' ids.")
+    device: str = volatile(
+        "auto", "Torch device of the reward models: auto (cuda when available), cpu, cuda, ..."
+    )
+
+
 class PPDConfig(Section):
     """The whole pipeline's configuration."""
 
@@ -567,6 +579,7 @@ class PPDConfig(Section):
         default_factory=WorldConfig, description="Synthetic world (used when ingest.source is unset)."
     )
     ingest: IngestConfig = Field(default_factory=IngestConfig, description="Ingestion.")
+    relabel: RelabelConfig = Field(default_factory=RelabelConfig, description="Reward models as users.")
     fewshot: FewshotConfig = Field(default_factory=FewshotConfig, description="Few-shot sampling.")
     tiny_models: TinyModelsConfig = Field(
         default_factory=TinyModelsConfig, description="Tiny offline default models."
@@ -586,6 +599,27 @@ class PPDConfig(Section):
                 f"config_version {self.config_version} is not supported (this code reads {CONFIG_VERSION})"
             )
         return self
+
+    @model_validator(mode="after")
+    def _check_reward_users(self) -> PPDConfig:
+        specs = {r.name: r for r in self.evaluate.rewards}
+        names = list(self.relabel.rewards)
+        if len(set(names)) != len(names):
+            raise ValueError(f"relabel.rewards names must be unique, got {names}")
+        for name in names:
+            if name not in specs:
+                raise ValueError(f"relabel.rewards names {name!r}, not one of evaluate.rewards {list(specs)}")
+            if specs[name].kind == "oracle":
+                raise ValueError(
+                    f"relabel.rewards names {name!r}, the per-user oracle: a reward user needs a reward that "
+                    "scores an image the same for everyone"
+                )
+        return self
+
+    def relabel_rewards(self) -> tuple[RewardSpec, ...]:
+        """The RewardSpecs of ``relabel.rewards``, in that order."""
+        specs = {r.name: r for r in self.evaluate.rewards}
+        return tuple(specs[name] for name in self.relabel.rewards)
 
 
 # --------------------------------------------------------------------------------------------- loading

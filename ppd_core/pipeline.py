@@ -6,7 +6,7 @@ on what counts as complete::
 
     cfg = load_config("configs/toy.yaml")
     layout = RunLayout(cfg.run.root)
-    outcomes = run_stages(cfg, ["fewshot"])   # runs (or reuses) synthesize -> ingest -> fewshot
+    outcomes = run_stages(cfg, ["fewshot"])   # runs (or reuses) synthesize -> ingest -> relabel -> fewshot
 
 A stage's fingerprint covers its config section (without volatile fields), the digests of the
 upstream manifests it reads, its code version, and for ingestion of external files a listing of
@@ -29,10 +29,11 @@ from ppd_core.manifest import Manifest, StageOutcome, run_stage
 
 # Bump a stage's version when its code changes what it writes: every output of it (and downstream) is recomputed.
 STAGE_VERSIONS: dict[str, str] = {
-    "synthesize": "1",
+    "synthesize": "2",
     "ingest": "1",
-    "fewshot": "1",
     "tiny_models": "2",
+    "relabel": "1",
+    "fewshot": "2",
     "embed": "1",
     "probe": "1",
     "pretrain": "1",
@@ -41,7 +42,7 @@ STAGE_VERSIONS: dict[str, str] = {
     "train_dpo": "1",
     "train_sft": "1",
     "train_ppd_true": "1",
-    "evaluate": "1",
+    "evaluate": "2",
 }
 # train stage -> trainer; train_ppd_true is the ppd trainer on the world's true-preference embedding (the ceiling)
 TRAINERS = {"train_ppd": "ppd", "train_dpo": "dpo", "train_sft": "sft", "train_ppd_true": "ppd"}
@@ -58,9 +59,15 @@ def upstream_of(stage: str, cfg: PPDConfig) -> tuple[str, ...]:
     """Stages whose manifests ``stage`` reads."""
     if stage == "ingest":
         return () if cfg.ingest.source else ("synthesize",)
-    if stage == "fewshot":
-        return ("ingest",)
     world = () if cfg.ingest.source else ("synthesize",)
+    if stage == "relabel":
+        from ppd_core.data.relabel import needs_tiny_models, needs_world
+
+        specs = cfg.relabel_rewards()
+        tiny = ("tiny_models",) if needs_tiny_models(specs) else ()
+        return ("ingest", *tiny, *(world if needs_world(specs) else ()))
+    if stage == "fewshot":
+        return ("ingest", "relabel")
     if stage == "embed":
         from ppd_core.embed.extract import needs_tiny_models, needs_world
 
@@ -78,7 +85,7 @@ def upstream_of(stage: str, cfg: PPDConfig) -> tuple[str, ...]:
     if stage == "evaluate":
         trained = tuple(f"train_{t}" for t in cfg.train.trainers)
         ceiling = ("train_ppd_true",) if has_ceiling(cfg) else ()
-        return ("fewshot", "ingest", "embed", "tiny_models", *toy, *trained, *ceiling, *world)
+        return ("fewshot", "ingest", "relabel", "embed", "tiny_models", *toy, *trained, *ceiling, *world)
     return ()
 
 
@@ -161,6 +168,11 @@ def _section(cfg: PPDConfig, stage: str) -> BaseModel | dict:
             "backbone": _backbone_fields(cfg),
             "embedder": train_embedder(cfg, stage),
         }
+    if stage == "relabel":
+        return {
+            "relabel": stable_fields(cfg.relabel),
+            "rewards": [spec.model_dump(mode="json") for spec in cfg.relabel_rewards()],
+        }
     if stage == "evaluate":
         return {
             "evaluate": stable_fields(cfg.evaluate),
@@ -223,16 +235,22 @@ def _build(
             synth = upstream["synthesize"]
             files = resolve_source(str(layout.stage_dir("synthesize", synth.fingerprint) / "data"))
         return lambda out: ingest(cfg.ingest, files, out, progress=progress)
-    if p.stage == "fewshot":
-        from ppd_core.data.fewshot import sample_fewshot
-
-        ing = upstream["ingest"]
-        return lambda out: sample_fewshot(cfg.fewshot, layout.stage_dir("ingest", ing.fingerprint), out)
     if p.stage == "tiny_models":
         from ppd_core.embed.tiny_models import build_tiny_models
 
         return lambda out: build_tiny_models(cfg.tiny_models, out)
     dirs = {u: layout.stage_dir(u, m.fingerprint) for u, m in upstream.items()}
+    if p.stage == "relabel":
+        from ppd_core.data.relabel import relabel
+
+        specs = cfg.relabel_rewards()
+        return lambda out: relabel(
+            cfg.relabel, specs, dirs["ingest"], out, dirs.get("tiny_models"), world_dir(dirs)
+        )
+    if p.stage == "fewshot":
+        from ppd_core.data.fewshot import sample_fewshot
+
+        return lambda out: sample_fewshot(cfg.fewshot, dirs["ingest"], out, dirs["relabel"])
     if p.stage == "embed":
         from ppd_core.embed.extract import EmbedInputs, embed_stage
 

@@ -79,6 +79,16 @@ IMAGE_INDEX = pa.schema(
     ]
 )
 
+# relabel: one row per reward user (the multi-reward experiment); its pairs/ table is PAIRS
+REWARD_USERS = pa.schema(
+    [
+        ("user_id", pa.int64()),
+        ("reward", pa.string()),  # the evaluate.rewards entry whose scores label this user's pairs
+        ("rows", pa.int64()),  # relabelled pairs written
+        ("ties", pa.int64()),  # sampled pairs dropped because both images scored exactly the same
+    ]
+)
+
 # fewshot outputs
 SHOT_SETS = pa.schema(
     [
@@ -211,7 +221,7 @@ USER_WIN_RATES = pa.schema(
 INTERPOLATION = pa.schema(
     [
         ("model", pa.string()),
-        ("user_a", pa.string()),  # reward user A (its attribute / reward name)
+        ("user_a", pa.string()),  # reward user A (its reward's name)
         ("user_b", pa.string()),
         ("alpha", pa.float64()),  # weight of A
         ("reward", pa.string()),

@@ -76,7 +76,7 @@ def test_readme_config_table_is_current():
 def test_data_flow_caches_and_recomputes_only_what_changed(tmp_path):
     root = str(tmp_path / "run")
     first = run_json("--root", root, *SMALL, "--stages", "probe")
-    assert list(first) == ["synthesize", "ingest", "fewshot", "tiny_models", "embed", "probe"]
+    assert list(first) == ["synthesize", "ingest", "tiny_models", "relabel", "fewshot", "embed", "probe"]
     assert not any(s["cached"] for s in first.values())
     for s in first.values():
         assert Path(s["output_dir"], "manifest.json").is_file()
@@ -109,7 +109,9 @@ def test_real_pickapic_source_ingests_and_caches(tmp_path):
     shutil.copytree(source, copy)
     root = str(tmp_path / "run")
     first = run_json("--root", root, "--source", str(copy), "--stages", "ingest,fewshot")
-    assert list(first) == ["ingest", "fewshot"] and not any(s["cached"] for s in first.values())
+    assert list(first) == ["ingest", "relabel", "fewshot"] and not any(s["cached"] for s in first.values())
+    skipped = first["relabel"]["counts"]["rewards_skipped"]  # the default attribute rewards need the world
+    assert sorted(skipped) == ["brightness", "saturation", "size"] and first["relabel"]["counts"]["rows"] == 0
     assert (
         first["ingest"]["counts"]["input_rows"]
         == first["ingest"]["counts"]["kept_rows"] + first["ingest"]["counts"]["quarantined"]

@@ -41,6 +41,9 @@ def test_precedence_defaults_file_env_overrides(tmp_path):
         (["ingest.images=sometimes"], "ingest.images"),
         (["world.shift_min=5"], "shift_min must be <= shift_max"),
         (["world.quirks.tie=0.7", "world.quirks.unlabeled=0.5"], "quirk rates add up to 1.2"),
+        (["relabel.rewards=[brightness, hps]"], "relabel.rewards names 'hps', not one of evaluate.rewards"),
+        (["relabel.rewards=[oracle]"], "the per-user oracle"),
+        (["relabel.rewards=[size, size]"], "relabel.rewards names must be unique"),
     ],
 )
 def test_errors_name_the_key(overrides, needle):

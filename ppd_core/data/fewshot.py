@@ -1,7 +1,8 @@
 """Few-shot sampling: per-user shot sets, the seen/unseen split and held-out evaluation pairs.
 
 Owns the ``fewshot`` stage (DESIGN.md section 2; PAPER.md sections 3.2, 5 and 10 #9). From the
-ingested ``pairs`` table it draws, for every user with at least ``min_pairs_per_user`` pairs:
+ingested ``pairs`` table plus the ``relabel`` stage's (its reward users, same schema) it draws, for
+every user with at least ``min_pairs_per_user`` pairs:
 
 - **seen** users: the first ``heldout_pairs_per_user`` shuffled pairs are evaluation pairs; the
   other pairs are cut into disjoint chunks of ``shots`` (incomplete last chunk dropped, at most
@@ -107,17 +108,17 @@ def _check_columns(table: pa.Table, where: object) -> None:
             raise SchemaError(f"{where}: column {name!r} is {table.schema.field(name).type}, expected {want}")
 
 
-def read_pairs(ingest_dir: Path) -> pa.Table:
-    """The ingested ``pairs`` table (hive-partitioned by ``created_date``), sorted by pair_id."""
-    root = Path(ingest_dir) / "pairs"
+def read_pairs(stage_dir: Path, allow_empty: bool = False) -> pa.Table:
+    """A stage's ``pairs`` table (ingest's or relabel's; hive-partitioned by ``created_date``), sorted by pair_id."""
+    root = Path(stage_dir) / "pairs"
     if not root.is_dir():
-        raise StageError(f"no pairs table at {root}: run the ingest stage first")
+        raise StageError(f"no pairs table at {root}: run the ingest stage (or relabel) first")
     partitioning = ds.partitioning(pa.schema([(schemas.PAIRS_PARTITION, pa.string())]), flavor="hive")
     try:
         table = ds.dataset(root, format="parquet", partitioning=partitioning).to_table()
     except (pa.ArrowInvalid, OSError) as e:
         raise StageError(f"{root}: cannot read the pairs table: {e}") from e
-    if table.num_rows == 0:
+    if table.num_rows == 0 and not allow_empty:
         raise StageError(f"{root}: the pairs table is empty (no rows in any partition)")
     _check_columns(table, root)
     return table.sort_by([("pair_id", "ascending"), ("user_id", "ascending")])
@@ -424,9 +425,16 @@ def write_table(path: Path, table: pa.Table) -> None:
     atomic_write_bytes(path, sink.getvalue().to_pybytes())
 
 
-def sample_fewshot(cfg: FewshotConfig, ingest_dir: Path, out_dir: Path) -> dict:
-    """Stage body: read pairs, draw the few-shot tables, write ``out_dir/<name>.parquet``, return counts."""
-    tables = build_fewshot(cfg, read_pairs(Path(ingest_dir)))
+def sample_fewshot(
+    cfg: FewshotConfig, ingest_dir: Path, out_dir: Path, relabel_dir: Path | None = None
+) -> dict:
+    """Stage body: read the ingested pairs and the relabel stage's reward users' pairs (same schema), draw
+    the few-shot tables, write ``out_dir/<name>.parquet``, return counts."""
+    pairs = read_pairs(Path(ingest_dir)).select(list(REQUIRED_COLUMNS))
+    if relabel_dir is not None:
+        relabelled = read_pairs(Path(relabel_dir), allow_empty=True).select(list(REQUIRED_COLUMNS))
+        pairs = pa.concat_tables([pairs, relabelled])
+    tables = build_fewshot(cfg, pairs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, table in tables.items():

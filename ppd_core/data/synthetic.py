@@ -37,7 +37,6 @@ from ppd_core.data.world_render import (
     ATTRIBUTES,
     CAPTIONS,
     LATENT_LIMIT,
-    REWARD_ARCHETYPE,
     WORLD_DIR,
     SyntheticWorld,
     decode_jpeg,
@@ -119,7 +118,9 @@ def choose_archetypes(count: int, rng: np.random.Generator) -> np.ndarray:
             spread = ((used[chosen].sum(axis=0) + used[rest]) ** 2).sum(axis=1) * (restart % 2 == 0)
             chosen.append(int(rest[np.lexsort((spread, worst_cos))[0]]))
         pair_cos = cos[np.ix_(chosen, chosen)][np.triu_indices(count, 1)]
-        imbalance = round(float(np.linalg.norm(cands[chosen].sum(axis=0))), 6)  # the population's shared taste
+        imbalance = round(
+            float(np.linalg.norm(cands[chosen].sum(axis=0))), 6
+        )  # the population's shared taste
         score = (
             round(float(pair_cos.max(initial=-1.0)), 6),
             imbalance,
@@ -131,42 +132,20 @@ def choose_archetypes(count: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _users(cfg: WorldConfig, archetypes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(user_ids int64 (U,), archetype index (U,), unit weights (U, A)): the people, then the reward users."""
+    """(user_ids int64 (U,), archetype index (U,), unit weights float64 (U, A))."""
     rng = _rng(cfg.seed, "users")
     user_ids = rng.choice(9_900_000, size=cfg.num_users, replace=False).astype(np.int64) + 100_000
     assigned = rng.permutation(np.arange(cfg.num_users) % cfg.num_archetypes)  # balanced archetypes
     noise = cfg.user_noise * rng.standard_normal((cfg.num_users, len(ATTRIBUTES)))
     weights = _unit(archetypes[assigned] + noise).astype(np.float32)  # stored as float32: label with those
-    reward_ids = _reward_user_ids(cfg, set(user_ids.tolist()))
-    one_hot = np.eye(len(ATTRIBUTES), dtype=np.float32)[[ATTRIBUTES.index(a) for a in cfg.reward_users]]
-    return (
-        np.concatenate([user_ids, reward_ids]),
-        np.concatenate([assigned, np.full(len(reward_ids), REWARD_ARCHETYPE)]),
-        np.concatenate([weights, one_hot.reshape(-1, len(ATTRIBUTES))]).astype(np.float64),
-    )
-
-
-def _reward_user_ids(cfg: WorldConfig, taken: set[int]) -> np.ndarray:
-    """Ids of the reward users: drawn like the people's, skipping ids the few-shot split could make unseen
-    (unseen_score < 0.5), so a reward user is always trained on."""
-    from ppd_core.data.fewshot import unseen_score
-
-    rng = _rng(cfg.seed, "reward-users")
-    ids: list[int] = []
-    while len(ids) < len(cfg.reward_users):
-        uid = int(rng.integers(100_000, 10_000_000))
-        if uid not in taken and uid not in ids and unseen_score(uid) >= 0.5:
-            ids.append(uid)
-    return np.array(ids, dtype=np.int64)
+    return user_ids, assigned, weights.astype(np.float64)
 
 
 def _rows_per_user(cfg: WorldConfig, rng: np.random.Generator) -> np.ndarray:
-    """Long-tailed counts for the people (log-normal with mean ``mean_pairs_per_user``, clipped), then
-    ``reward_user_rows`` for each reward user."""
+    """Long-tailed counts (log-normal with mean ``mean_pairs_per_user``, clipped)."""
     mu = np.log(cfg.mean_pairs_per_user) - cfg.pairs_per_user_sigma**2 / 2
     counts = np.rint(rng.lognormal(mu, cfg.pairs_per_user_sigma, cfg.num_users))
-    people = np.clip(counts, cfg.min_rows_per_user, cfg.max_rows_per_user).astype(np.int64)
-    return np.concatenate([people, np.full(len(cfg.reward_users), cfg.reward_user_rows, dtype=np.int64)])
+    return np.clip(counts, cfg.min_rows_per_user, cfg.max_rows_per_user).astype(np.int64)
 
 
 def _row_times_us(cfg: WorldConfig, counts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -437,8 +416,7 @@ def synthesize(cfg: WorldConfig, out_dir: Path) -> dict:
     )
     return {
         "rows": table.num_rows,
-        "users": cfg.num_users + len(cfg.reward_users),
-        "reward_users": len(cfg.reward_users),
+        "users": cfg.num_users,
         "files": len(starts),
         "unique_images": len(pc.unique(uid_columns)),
         "rendered_images": len(jpegs),

@@ -41,7 +41,6 @@ from ppd_core.schemas import WORLD_USERS
 
 ATTRIBUTES: tuple[str, ...] = ("brightness", "warmth", "saturation", "size", "position")
 WORLD_VERSION = 1
-REWARD_ARCHETYPE = -1  # archetype of the reward users (one-hot weights on a single attribute)
 WORLD_DIR = "world"  # ground truth inside a synthesize output: users.parquet, world.json
 
 # Pure hues (max channel 1, min channel 0, so HSV saturation of the rendered colour is exactly s).
@@ -320,15 +319,13 @@ class SyntheticWorld:
         """The user's unit preference vector over ATTRIBUTES, float32 (A,)."""
         return self._weights[self._row(user_id)].astype(np.float32)
 
-    def archetype(self, user_id: int) -> int:
-        """The user's archetype index; REWARD_ARCHETYPE for a reward user."""
-        return int(self._archetype[self._row(user_id)])
+    def has_user(self, user_id: int) -> bool:
+        """Whether the world drew this user (the relabel stage's reward users are not the world's)."""
+        return int(user_id) in self._index
 
-    def reward_users(self) -> dict[str, int]:
-        """attribute -> user id of the reward users (the multi-reward experiment), in config order."""
-        rows = np.flatnonzero(self._archetype == REWARD_ARCHETYPE)
-        by_attribute = {ATTRIBUTES[int(np.argmax(self._weights[r]))]: self._user_ids[r] for r in rows}
-        return {a: by_attribute[a] for a in self.config.reward_users if a in by_attribute}
+    def archetype(self, user_id: int) -> int:
+        """The user's archetype index."""
+        return int(self._archetype[self._row(user_id)])
 
     def shot_attribute_difference(self, winner_images: np.ndarray, loser_images: np.ndarray) -> np.ndarray:
         """Mean over the shots of z(winner) - z(loser), float32 (A,): all a shot set can reveal."""

@@ -226,11 +226,9 @@ def run_probe(
     rows += _rows("user_id", "chance", _chance(cfg.topk, n_users), n_test, n_users)
 
     if archetypes is not None:
-        missing = sorted({int(u) for u in user_ids} - set(archetypes))
-        if missing:
-            raise StageError(f"probe: no archetype for users {missing[:5]}")
-        arch = np.array([archetypes[int(u)] for u in user_ids])
-        people = arch >= 0  # negative archetypes (the synthetic world's reward users) take no part
+        # users without an archetype (the relabel stage's reward users, not the world's) take no part
+        arch = np.array([archetypes.get(int(u), -1) for u in user_ids])
+        people = arch >= 0
         arch_values, y_arch = np.unique(
             np.where(people, arch, arch[people].min(initial=0)), return_inverse=True
         )

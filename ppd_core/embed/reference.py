@@ -1,7 +1,9 @@
 """The synthetic world's reference embedders: the answer and the information limit (toy runs only).
 
 ``TruePreferenceEmbedder`` returns the user's true unit preference vector, whatever the shots
-show (the upper bound of any embedding). ``TrueAttributeDiffEmbedder`` returns the mean over
+show (the upper bound of any embedding). A user the world did not draw (a reward user of the
+`relabel` stage, labelled by a reward rather than a preference vector) has no such vector; it gets
+the unit-length attribute difference of its shots, the best the pixels tell. ``TrueAttributeDiffEmbedder`` returns the mean over
 the shots of z(preferred) - z(dispreferred), the measured style attributes of the pixels: all
 that K pairs can reveal (reference/TOY_WORLD.md, "the information limit").
 
@@ -91,7 +93,10 @@ class TruePreferenceEmbedder(_WorldEmbedder):
     kind = "true_preference"
 
     def _vector(self, shot_set: ShotSet) -> np.ndarray:
-        return self.world.true_preference(shot_set.user_id)
+        if self.world.has_user(shot_set.user_id):
+            return self.world.true_preference(shot_set.user_id)
+        diff = _attribute_difference(self.world, shot_set)  # a reward user: no true vector
+        return diff / max(float(np.linalg.norm(diff)), 1e-9)
 
 
 class TrueAttributeDiffEmbedder(_WorldEmbedder):
@@ -101,8 +106,13 @@ class TrueAttributeDiffEmbedder(_WorldEmbedder):
     kind = "true_attribute_diff"
 
     def _vector(self, shot_set: ShotSet) -> np.ndarray:
-        if not shot_set.shots:
-            raise ValueError(f"shot set {shot_set.shot_set_id} has no shots")
-        winners = np.stack([_as_uint8(s.preferred) for s in shot_set.shots])  # (K, H, W, 3)
-        losers = np.stack([_as_uint8(s.dispreferred) for s in shot_set.shots])
-        return self.world.shot_attribute_difference(winners, losers)
+        return _attribute_difference(self.world, shot_set)
+
+
+def _attribute_difference(world: SyntheticWorld, shot_set: ShotSet) -> np.ndarray:
+    """Mean over the shots of z(preferred) - z(dispreferred), float32 (A,)."""
+    if not shot_set.shots:
+        raise ValueError(f"shot set {shot_set.shot_set_id} has no shots")
+    winners = np.stack([_as_uint8(s.preferred) for s in shot_set.shots])  # (K, H, W, 3)
+    losers = np.stack([_as_uint8(s.dispreferred) for s in shot_set.shots])
+    return world.shot_attribute_difference(winners, losers)

@@ -1,11 +1,12 @@
 """The multi-reward experiment's inference half: interpolate between two reward users' embeddings.
 
-Reward users are "users" whose labels follow one reward (on the synthetic world, one attribute each:
-stand-ins for CLIP score, aesthetic and HPS; WorldConfig.reward_users). They are trained on like any
-seen user, in the same PPD model. Here, for each pair (A, B) and weight a, the model generates from
-``u = a * u_A + (1 - a) * u_B`` (u_X: the reward user's first shot-set embedding) on fixed prompts and
-seeds, and every reward scores the images. Reward A should rise with a and reward B fall:
-``monotonicity`` reports the Spearman correlation and the largest step against the expected direction.
+Reward users are "users" whose labels follow one reward (the `relabel` stage, :mod:`ppd_core.data.relabel`:
+on the synthetic world single attributes standing in for CLIP score, aesthetic and HPS; on real data
+real reward models). They are trained on like any seen user, in the same PPD model. Here, for each
+pair (A, B) and weight a, the model generates from ``u = a * u_A + (1 - a) * u_B`` (u_X: the reward
+user's first shot-set embedding) on fixed prompts and seeds, and every loaded reward scores the images.
+A's own reward should rise with a and B's fall: ``monotonicity`` reports the Spearman correlation and
+the largest step against the expected direction.
 """
 
 from __future__ import annotations
@@ -25,47 +26,39 @@ from ppd_core.schemas import INTERPOLATION, MONOTONICITY
 INTERPOLATED_MODELS = ("ppd", "ppd_true")
 
 
-def attribute_rewards(cfg: PPDConfig, rewards: Sequence[Reward]) -> dict[str, Reward]:
-    """attribute -> the loaded oracle_attribute reward measuring it."""
-    loaded = {r.name: r for r in rewards}
-    return {
-        spec.attribute: loaded[spec.name]
-        for spec in cfg.evaluate.rewards
-        if spec.kind == "oracle_attribute" and spec.name in loaded
-    }
-
-
 def interpolation_study(
     cfg: PPDConfig,
     models: ModelSet,
     conditions: Callable[[str], Mapping[int, tuple[str, np.ndarray]]],
-    world,
+    reward_users: Mapping[str, int],
     rewards: Sequence[Reward],
+    prompts: Sequence[str],
 ) -> tuple[pa.Table, pa.Table]:
-    """(INTERPOLATION rows, MONOTONICITY rows); empty without reward users. ``conditions(embedder)``: user ->
-    (first shot set id, embedding), as the evaluate stage reads it once per embedder."""
+    """(INTERPOLATION rows, MONOTONICITY rows); empty with fewer than two reward users.
+
+    ``conditions(embedder)``: user -> (first shot set id, embedding), as the evaluate stage reads it once
+    per embedder; ``reward_users``: reward name -> user id (the relabel stage's); ``prompts``: one seed each.
+    """
     rows, checks = [], []
-    if world is None:
-        return INTERPOLATION.empty_table(), MONOTONICITY.empty_table()
-    by_attribute = attribute_rewards(cfg, rewards)
-    users = {a: u for a, u in world.reward_users().items() if a in by_attribute}
+    scorers = [r for r in rewards if not r.per_user]  # a per-user oracle has no user for a mixed embedding
+    by_name = {r.name: r for r in scorers}
+    users = {name: u for name, u in reward_users.items() if name in by_name}  # own reward loaded
     e = cfg.evaluate
-    prompts = list(world.captions[: e.interpolation_prompts])
-    seeds = list(range(len(prompts)))
+    prompts, seeds = list(prompts), list(range(len(prompts)))
     settings = Settings.from_config(cfg)
     for model in INTERPOLATED_MODELS:
-        if model not in models.adapters:
+        if model not in models.adapters or not prompts:
             continue
         table = conditions(embedder_for(cfg, model))
-        present = [a for a in users if users[a] in table]
+        present = [name for name in users if users[name] in table]
         for a, b in combinations(present, 2):
             u_a, u_b = table[users[a]][1], table[users[b]][1]
             means: dict[str, list[float]] = {a: [], b: []}
             for alpha in e.interpolation_alphas:
                 emb = alpha * u_a + (1 - alpha) * u_b  # (*shape)
-                images = models.generate(model, prompts, seeds, emb, settings)
-                for name, reward in by_attribute.items():
-                    s = reward.score(images, prompts)
+                images = models.generate(model, prompts, seeds, emb, settings)  # (P, H, W, 3)
+                for reward in scorers:
+                    s = reward.score(images, prompts)  # (P,)
                     rows.append(
                         {
                             "model": model,
@@ -78,8 +71,8 @@ def interpolation_study(
                             "n": len(s),
                         }
                     )
-                    if name in means:
-                        means[name].append(float(s.mean()))
+                    if reward.name in means:
+                        means[reward.name].append(float(s.mean()))
             for name, sign, direction in ((a, 1.0, "rises with a"), (b, -1.0, "falls with a")):
                 m = monotonicity(e.interpolation_alphas, sign * np.asarray(means[name]))
                 checks.append(
@@ -87,7 +80,7 @@ def interpolation_study(
                         "model": model,
                         "user_a": a,
                         "user_b": b,
-                        "reward": by_attribute[name].name,
+                        "reward": name,
                         "direction": direction,
                         "spearman": m["spearman"],
                         "max_step_against": m["max_drop"],

@@ -5,7 +5,7 @@ agreement with held-out labels, the interpolation study and the HTML report are 
 Who is evaluated (DESIGN.md section 7): up to ``seen_users`` seen users with held-out prompts (conditioned
 on their first shot set, as in training) and up to ``unseen_users`` unseen users, each given one 4-pair
 shot set. Prompts are each user's held-out captions (never in that user's shots or training pairs).
-The synthetic world's reward users are not people: they appear only in the interpolation study.
+The reward users of the `relabel` stage are not people: they appear only in the interpolation study.
 
 Outputs (``<root>/evaluate/<fp>/``)::
 
@@ -120,13 +120,15 @@ def evaluate_stage(
     out_dir: Path,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
+    from ppd_core.data.relabel import read_reward_users
     from ppd_core.evaluate import judging, report
     from ppd_core.evaluate.interpolate import interpolation_study
     from ppd_core.evaluate.rewards import load_rewards
 
     out_dir = Path(out_dir)
     world = _world(dirs)
-    exclude = set(world.reward_users().values()) if world is not None else set()
+    reward_users = read_reward_users(dirs["relabel"])  # reward name -> user id
+    exclude = set(reward_users.values())
     models = ["base", *[m for m in MODELS[1:] if f"train_{m}" in dirs]]
     models_set = ModelSet.load(cfg, dirs, models)
     by_embedder: dict[str, dict] = {}  # embedder -> user -> (first shot set id, embedding), read once each
@@ -195,7 +197,10 @@ def evaluate_stage(
     pq.write_table(agreement, out_dir / "judge_agreement.parquet")
     mark("judges")
 
-    interpolation, monotone = interpolation_study(cfg, models_set, conditions, world, rewards)
+    shared_prompts = list(dict.fromkeys(prompts))[: cfg.evaluate.interpolation_prompts]  # held-out, distinct
+    interpolation, monotone = interpolation_study(
+        cfg, models_set, conditions, reward_users, rewards, shared_prompts
+    )
     pq.write_table(interpolation, out_dir / "interpolation.parquet")
     pq.write_table(monotone, out_dir / "monotonicity.parquet")
     summary = report.summarize(cfg, rates, agreement, monotone, skipped, requests)

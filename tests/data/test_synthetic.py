@@ -127,16 +127,14 @@ def test_world_json_and_users_round_trip(world):
     assert all(s > 0 for s in meta["attribute_std"])
 
     loaded = SyntheticWorld.load(out)
-    rewards = loaded.reward_users()
-    assert len(loaded.user_ids) == counts["users"] == SMALL.num_users + len(SMALL.reward_users)
+    assert len(loaded.user_ids) == counts["users"] == SMALL.num_users
     assert {r["user_id"] for r in _rows(out)} == set(loaded.user_ids)
     assert all(100_000 <= u < 10_000_000 for u in loaded.user_ids)
     for u in loaded.user_ids:
         pref = loaded.true_preference(u)
         assert pref.dtype == np.float32 and pref.shape == (len(ATTRIBUTES),)
         assert np.linalg.norm(pref) == pytest.approx(1.0, abs=1e-5)
-        if u not in rewards.values():
-            assert 0 <= loaded.archetype(u) < SMALL.num_archetypes
+        assert 0 <= loaded.archetype(u) < SMALL.num_archetypes
     with pytest.raises(KeyError):
         loaded.true_preference(1)
 
@@ -222,8 +220,7 @@ def test_zero_quirk_rates_give_a_clean_file(tmp_path):
 def test_rows_per_user_are_long_tailed(world):
     out, _ = world
     users, per_user = np.unique([r["user_id"] for r in _rows(out)], return_counts=True)
-    assert len(per_user) == SMALL.num_users + len(SMALL.reward_users)
-    per_user = per_user[~np.isin(users, list(SyntheticWorld.load(out).reward_users().values()))]  # the people
+    assert len(per_user) == SMALL.num_users
     assert per_user.min() >= SMALL.min_rows_per_user and per_user.max() <= SMALL.max_rows_per_user
     assert per_user.max() >= 3 * np.median(per_user)
 
@@ -379,21 +376,3 @@ def test_reward_is_the_preference_dot_the_standardised_attributes(world):
     better = render_images([CAPTIONS[0]], base + 2.0 * pref)
     worse = render_images([CAPTIONS[0]], base - 2.0 * pref)
     assert loaded.reward(user, better)[0] > loaded.reward(user, worse)[0] + 2.0
-
-
-def test_reward_users_are_one_hot_seen_users_labelled_by_their_attribute(world):
-    from ppd_core.data.fewshot import unseen_score
-    from ppd_core.data.world_render import REWARD_ARCHETYPE
-
-    out, _ = world
-    loaded = SyntheticWorld.load(out)
-    rewards = loaded.reward_users()
-    assert list(rewards) == list(SMALL.reward_users)
-    rows = _rows(out)
-    for attribute, uid in rewards.items():
-        assert loaded.archetype(uid) == REWARD_ARCHETYPE and unseen_score(uid) >= 0.5
-        np.testing.assert_array_equal(
-            loaded.true_preference(uid), np.eye(len(ATTRIBUTES))[ATTRIBUTES.index(attribute)]
-        )
-        mine = [r for r in rows if r["user_id"] == uid and r["has_label"] and r["label_0"] in (0.0, 1.0)]
-        assert len(mine) > 0.6 * SMALL.reward_user_rows

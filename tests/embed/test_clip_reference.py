@@ -232,6 +232,14 @@ def test_true_preference_is_the_users_vector(world_dir, sets):
     np.testing.assert_array_equal(out, expected)
 
 
+def test_true_preference_of_a_user_the_world_did_not_draw_is_its_unit_shot_difference(world_dir, sets):
+    """A reward user of the relabel stage has labels, not a preference vector."""
+    stranger = [replace(s, user_id=1) for s in sets[:3]]
+    out = TruePreferenceEmbedder.from_world_dir(world_dir).embed(stranger).embeddings.numpy()
+    diff = TrueAttributeDiffEmbedder.from_world_dir(world_dir).embed(stranger).embeddings.numpy()
+    np.testing.assert_allclose(out, diff / np.linalg.norm(diff, axis=1, keepdims=True), rtol=1e-6)
+
+
 def test_true_attribute_diff_is_the_worlds_shot_difference(world_dir, sets):
     world = SyntheticWorld.load(world_dir)
     out = TrueAttributeDiffEmbedder(world).embed(sets[:5]).embeddings.numpy()

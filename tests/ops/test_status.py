@@ -24,7 +24,9 @@ def test_status_reflects_the_run_just_made(ppd_json, prefect_server, tmp_path):
     status = ppd_json("status", "--root", root)
     assert status["api"] == prefect_server and status["root"] == str(root)
     stages = _stages(status)
-    assert list(stages) == [s["name"] for s in run["stages"]] == ["synthesize", "ingest", "fewshot"]
+    assert (
+        list(stages) == [s["name"] for s in run["stages"]] == ["synthesize", "ingest", "relabel", "fewshot"]
+    )
     for made in run["stages"]:
         shown = stages[made["name"]]
         assert shown["state"] == "Completed" and not shown["cached"] and shown["start"]
@@ -77,7 +79,7 @@ def test_retried_flow_run_recomputes_only_the_failed_stage(ppd, api, prefect_ser
     assert failed.returncode == 2 and "not an open_clip model directory" in failed.stderr
     (flow_run,) = [r for r in api.read_flow_runs() if r.parameters["config"]["run"]["root"] == str(root)]
     assert flow_run.state.is_failed()
-    upstream = ("synthesize", "ingest", "fewshot")
+    upstream = ("synthesize", "ingest", "relabel", "fewshot")
     written = _manifest_times(root, upstream)
 
     assert builder.wait(timeout=300) == 0

@@ -1,0 +1,204 @@
+"""The `relabel` stage: reward models as users, the data half of the multi-reward experiment.
+
+For each reward named in ``relabel.rewards`` (entries of ``evaluate.rewards``), ``rows_per_reward``
+ingested pairs with both images are drawn (seeded per reward name), both images are scored by the
+reward with the pair's caption, and the pair is re-oriented so that the higher-scoring image wins;
+exact ties are dropped and counted. Each reward becomes one user whose pairs follow that reward and
+nothing else, trained on by the same PPD model as the people (DESIGN.md section 7). Only ingested
+images are reused, so every downstream reader finds them in the ingest image store by uid.
+
+It works on any source: on the synthetic world the default rewards are single world attributes
+(brightness, saturation, size: stand-ins for CLIP score, aesthetic and HPS); on Pick-a-Pic they are
+real reward models. A reward the environment lacks (no synthetic world, ImageReward not installed)
+is skipped with its reason in the manifest counts; no reward left gives an empty but valid output.
+
+Identities: a relabelled pair's ``pair_id`` hashes (reward name, original pair id, winner uid), so it
+never collides with an ingested pair and changes when the reward orients the pair differently (shot
+sets, and the embeddings keyed by them, then change too). A reward user's id is drawn per reward name
+like a person's, skipping ids of real users and ids the few-shot split could make unseen
+(``unseen_score < 0.5``), so a reward user is always trained on.
+
+Output (inside ``out_dir``)::
+
+    pairs/created_date=YYYY-MM-DD/part-00000.parquet   schema PAIRS, like ingest's (pairs/part-00000.parquet
+                                                       holds the empty table when nothing was relabelled)
+    reward_users.parquet                               schema REWARD_USERS: user id, reward, rows, ties
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ppd_core.config import RelabelConfig, RewardSpec
+from ppd_core.data.fewshot import read_pairs, unseen_score, write_table
+from ppd_core.schemas import PAIRS, PAIRS_PARTITION, REWARD_USERS
+
+REWARD_USERS_FILE = "reward_users.parquet"
+PAIRS_DIR = "pairs"
+PAIR_ID_HEX = 20  # as ingest's pair ids
+WORLD_KINDS = ("oracle", "oracle_attribute")  # rewards read from the synthetic world
+USER_ID_RANGE = (100_000, 10_000_000)  # where the synthetic world draws its users' ids too
+
+
+def needs_world(specs: Sequence[RewardSpec]) -> bool:
+    return any(s.kind in WORLD_KINDS for s in specs)
+
+
+def needs_tiny_models(specs: Sequence[RewardSpec]) -> bool:
+    """A model reward without ``model`` loads the tiny offline weights (ImageReward has none: its release)."""
+    return any(s.kind not in (*WORLD_KINDS, "image_reward") and s.model is None for s in specs)
+
+
+def _rng(seed: int, stream: str) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(stream.encode())]))
+
+
+def reward_user_ids(names: Sequence[str], taken: set[int], seed: int) -> dict[str, int]:
+    """reward name -> user id, each drawn from its own seeded stream (adding a reward moves no other),
+    skipping ids in ``taken`` (real users), ids already given, and ids the few-shot split could make unseen."""
+    ids: dict[str, int] = {}
+    for name in names:
+        rng = _rng(seed, f"reward-user:{name}")
+        while True:
+            uid = int(rng.integers(*USER_ID_RANGE))
+            if uid not in taken and uid not in ids.values() and unseen_score(uid) >= 0.5:
+                ids[name] = uid
+                break
+    return ids
+
+
+def relabelled_pair_id(reward: str, pair_id: str, winner_uid: str) -> str:
+    return hashlib.sha256(f"{reward}|{pair_id}|{winner_uid}".encode()).hexdigest()[:PAIR_ID_HEX]
+
+
+def read_reward_users(relabel_dir: str | Path) -> dict[str, int]:
+    """reward name -> user id of the reward users a relabel output holds, in config order."""
+    rows = pq.read_table(Path(relabel_dir) / REWARD_USERS_FILE).to_pylist()
+    return {r["reward"]: int(r["user_id"]) for r in rows}
+
+
+# ------------------------------------------------------------------------------------------- scoring
+
+
+def _score(reward, images: Sequence[np.ndarray], prompts: Sequence[str]) -> np.ndarray:
+    """Scores (N,) of images of any sizes: one batched call per image shape."""
+    out = np.empty(len(images), dtype=np.float64)
+    by_shape: dict[tuple, list[int]] = {}
+    for i, image in enumerate(images):
+        by_shape.setdefault(image.shape, []).append(i)
+    for rows in by_shape.values():
+        batch = np.stack([images[i] for i in rows])  # (B, H, W, 3) uint8
+        out[rows] = reward.score(batch, [prompts[i] for i in rows])
+    return out
+
+
+def _sample(pairs: pa.Table, n: int, seed: int, name: str) -> pa.Table:
+    """``n`` rows (all when fewer) drawn for one reward; ``pairs`` is sorted by pair_id, so the draw is stable."""
+    chosen = np.sort(_rng(seed, f"pairs:{name}").permutation(pairs.num_rows)[:n])
+    return pairs.take(pa.array(chosen, pa.int64()))
+
+
+def _orient(sample: pa.Table, winner_scores: np.ndarray, loser_scores: np.ndarray, name: str, user: int):
+    """PAIRS rows of one reward user: the higher-scoring image wins; (table, ties dropped)."""
+    keep = winner_scores != loser_scores  # (N,) exact ties carry no label
+    flip = pa.array((loser_scores > winner_scores)[keep])  # the reward disagrees with the ingested label
+    t = sample.filter(pa.array(keep))
+    winner = pc.if_else(flip, t["loser_uid"], t["winner_uid"])
+    oriented = {
+        "pair_id": [
+            relabelled_pair_id(name, p, w)
+            for p, w in zip(t["pair_id"].to_pylist(), winner.to_pylist(), strict=True)
+        ],
+        "ranking_id": t["ranking_id"],
+        "user_id": pa.array([user] * t.num_rows, pa.int64()),
+        "caption": t["caption"],
+        "created_at": t["created_at"],
+        "winner_uid": winner,
+        "loser_uid": pc.if_else(flip, t["winner_uid"], t["loser_uid"]),
+        "winner_model": pc.if_else(flip, t["loser_model"], t["winner_model"]),
+        "loser_model": pc.if_else(flip, t["winner_model"], t["loser_model"]),
+        "num_example_per_prompt": t["num_example_per_prompt"],
+        "source_file": t["source_file"],  # provenance: the row the comparison was ingested from
+        "source_row": t["source_row"],
+    }
+    return pa.table(oriented, schema=PAIRS), int((~keep).sum())
+
+
+def _write_pairs(out_dir: Path, table: pa.Table) -> dict[str, int]:
+    """Hive-partitioned by creation day like ingest's pairs; rows per day."""
+    root = out_dir / PAIRS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    if table.num_rows == 0:
+        write_table(root / "part-00000.parquet", PAIRS.empty_table())
+        return {}
+    days = pc.strftime(table["created_at"], format="%Y-%m-%d")
+    written = {}
+    for day in sorted(set(days.to_pylist())):
+        part = table.filter(pc.equal(days, day)).sort_by("pair_id")
+        write_table(root / f"{PAIRS_PARTITION}={day}" / "part-00000.parquet", part)
+        written[day] = part.num_rows
+    return written
+
+
+# ---------------------------------------------------------------------------------------------- stage
+
+
+def relabel(
+    cfg: RelabelConfig,
+    specs: Sequence[RewardSpec],
+    ingest_dir: Path,
+    out_dir: Path,
+    tiny_models_dir: Path | None = None,
+    world_dir: Path | None = None,
+) -> dict:
+    """Stage body: relabel a sample of ingested pairs by each reward, write ``out_dir``, return counts."""
+    from ppd_core.embed.extract import image_store
+    from ppd_core.evaluate.rewards import load_rewards
+
+    ingest_dir, out_dir = Path(ingest_dir), Path(out_dir)
+    pairs = read_pairs(ingest_dir)
+    skipped: dict[str, str] = {}
+    index = ingest_dir / "images" / "index.parquet"
+    if index.is_file():
+        stored = pq.read_table(index, columns=["image_uid"]).column("image_uid").combine_chunks()
+        with_images = pairs.filter(
+            pc.and_(pc.is_in(pairs["winner_uid"], stored), pc.is_in(pairs["loser_uid"], stored))
+        )
+        rewards, skipped = load_rewards(specs, tiny_models_dir, world_dir, cfg.device)
+    else:  # a metadata-only ingestion: nothing to score
+        with_images, rewards = pairs.slice(0, 0), []
+        skipped = {s.name: f"{ingest_dir} holds no images (metadata-only ingestion)" for s in specs}
+    with_images = with_images.select(PAIRS.names)
+    users = reward_user_ids([r.name for r in rewards], set(pairs["user_id"].to_pylist()), cfg.seed)
+    store = image_store(ingest_dir) if rewards else None
+    tables, rows = [], []
+    for reward in rewards:
+        sample = _sample(with_images, cfg.rows_per_reward, cfg.seed, reward.name)
+        prompts = [c or "" for c in sample["caption"].to_pylist()]
+        scores = []
+        for column in ("winner_uid", "loser_uid"):
+            images = [np.asarray(store.get_pil(u).convert("RGB")) for u in sample[column].to_pylist()]
+            scores.append(_score(reward, images, prompts))
+        table, ties = _orient(sample, scores[0], scores[1], reward.name, users[reward.name])
+        tables.append(table)
+        rows.append(
+            {"user_id": users[reward.name], "reward": reward.name, "rows": table.num_rows, "ties": ties}
+        )
+    relabelled = pa.concat_tables(tables) if tables else PAIRS.empty_table()
+    partitions = _write_pairs(out_dir, relabelled)
+    write_table(out_dir / REWARD_USERS_FILE, pa.Table.from_pylist(rows, schema=REWARD_USERS))
+    return {
+        "candidate_pairs": with_images.num_rows,
+        "rows": relabelled.num_rows,
+        "reward_users": {r["reward"]: {k: r[k] for k in ("user_id", "rows", "ties")} for r in rows},
+        "rewards_skipped": skipped,
+        "partitions": partitions,
+    }
