@@ -62,7 +62,7 @@ def generate_command(
         prompt_list = [line.strip() for line in prompts.read_text().splitlines() if line.strip()]
         if not prompt_list:
             raise InputError(f"--prompts {prompts}: no prompts (one per line)")
-        wanted = ["embed", *pipeline.backbone_stages(cfg)] + (
+        wanted = ["embed", "fewshot", *pipeline.backbone_stages(cfg)] + (
             [gen.TRAIN_STAGE[model]] if model != "base" else []
         )
         dirs = pipeline.locate(cfg, wanted)
@@ -72,7 +72,9 @@ def generate_command(
         elif shots is not None:
             cond = gen.new_user(cfg, dirs, embedder, shots)
         else:
-            cond = gen.known_user(dirs["embed"], embedder, user)
+            cond = gen.known_user(
+                dirs["embed"], embedder, user, average=int(user) in gen.averaged_users(cfg, dirs["fewshot"])
+            )
         settings = gen.Settings.from_config(cfg)
         updates = {"scale": scale, "guidance": guidance, "user_guidance": user_guidance, "steps": steps}
         settings = replace(settings, **{k: v for k, v in updates.items() if v is not None})

@@ -518,6 +518,11 @@ class EvaluateConfig(Section):
         0.0, ge=0, description="Extra guidance on the user tokens (user-CFG; 0 = off)."
     )
     scale: float = Field(1.0, ge=0, description="Adapter scale at inference.")
+    seen_embedding: Literal["mean", "first"] = Field(
+        "mean",
+        description="A seen user's conditioning embedding: the mean over all their shot sets (the model trained on "
+        "them all) or their first shot set only. Unseen users always get one 4-pair set.",
+    )
     rewards: tuple[RewardSpec, ...] = Field(default_factory=_default_rewards, description="Reward models.")
     judges: tuple[JudgeSpec, ...] = Field(default_factory=_default_judges, description="Judges.")
     primary_judge: str = Field("oracle", description="The judge whose win rates headline the report.")

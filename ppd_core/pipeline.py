@@ -42,7 +42,7 @@ STAGE_VERSIONS: dict[str, str] = {
     "train_dpo": "1",
     "train_sft": "1",
     "train_ppd_true": "1",
-    "evaluate": "2",
+    "evaluate": "3",
 }
 # train stage -> trainer; train_ppd_true is the ppd trainer on the world's true-preference embedding (the ceiling)
 TRAINERS = {"train_ppd": "ppd", "train_dpo": "dpo", "train_sft": "sft", "train_ppd_true": "ppd"}

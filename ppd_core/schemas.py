@@ -239,6 +239,9 @@ MONOTONICITY = pa.schema(
         ("direction", pa.string()),  # "rises with a" (reward A) | "falls with a" (reward B)
         ("spearman", pa.float64()),  # signed so that +1 is the expected direction
         ("max_step_against", pa.float64()),
-        ("monotone", pa.bool_()),
+        ("monotone", pa.bool_()),  # strict: no step against the expected direction at all
+        ("rise_z", pa.float64()),  # end-to-end change in its paired standard errors (same prompts and seeds)
+        ("max_step_against_z", pa.float64()),  # largest step against, in its paired standard errors
+        ("monotone_within_noise", pa.bool_()),  # rise_z > 2 and max_step_against_z <= 2
     ]
 )

@@ -6,8 +6,8 @@ preference vectors: the ceiling), and the baselines ``dpo`` / ``sft`` (the same 
 constant embedding, so they ignore the user). The backbone is loaded once; each model's exported adapter
 (``<train dir>/export/ip_adapter.safetensors``) is installed before it samples.
 
-A *user* is either a user id of the ingested dataset (conditioned on that user's first shot set, as in
-training and validation) or a brand-new user: a Parquet file of their labelled pairs in the Pick-a-Pic v2
+A *user* is either a user id of the ingested dataset (conditioned on that user's first shot set, or for a
+seen user under ``evaluate.seen_embedding = "mean"`` on the mean of all their shot sets' embeddings) or a brand-new user: a Parquet file of their labelled pairs in the Pick-a-Pic v2
 schema with images, ingested with the pipeline's own validation and embedded with the run's embedder.
 
 Images depend only on (model, prompt, seed, user embedding, settings): every image's noise comes from its
@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,23 +164,51 @@ class UserCondition:
     embedding: np.ndarray | None  # (*shape) float32
 
 
-def first_shot_sets(embed_dir: Path, embedder: str) -> dict[int, tuple[str, np.ndarray]]:
-    """user id -> (shot set id, embedding) of the user's first shot set (training's choice too)."""
+def user_conditions(
+    embed_dir: Path, embedder: str, average: Collection[int] = ()
+) -> dict[int, tuple[str, np.ndarray]]:
+    """user id -> (shot set id, embedding): the user's first shot set (training's order; the set a judge is
+    shown). For users in ``average`` (seen users under ``evaluate.seen_embedding = "mean"``) the embedding is
+    the mean of all the user's shot-set embeddings: a seen user's preference estimated from every set the
+    model was trained with, not from one 4-pair draw."""
     from ppd_core.embed.extract import read_embeddings
 
     table, emb = read_embeddings(Path(embed_dir), embedder)
-    first: dict[int, tuple[str, np.ndarray]] = {}
+    rows: dict[int, list[int]] = {}
+    first: dict[int, str] = {}
     for i, (uid, sid) in enumerate(
         zip(table.column("user_id").to_pylist(), table.column("shot_set_id").to_pylist(), strict=True)
     ):
-        first.setdefault(int(uid), (sid, emb[i]))
-    return first
+        rows.setdefault(int(uid), []).append(i)
+        first.setdefault(int(uid), sid)
+    average = set(average)
+    return {
+        uid: (first[uid], emb[idx].mean(axis=0).astype(emb.dtype) if uid in average else emb[idx[0]])
+        for uid, idx in rows.items()
+    }
 
 
-def known_user(embed_dir: Path, embedder: str | None, user_id: int) -> UserCondition:
+def seen_users(fewshot_dir: Path) -> set[int]:
+    """Users the trained models saw (fewshot's split "seen")."""
+    users = pq.read_table(Path(fewshot_dir) / "users.parquet", columns=["user_id", "split"])
+    return {
+        int(u)
+        for u, split in zip(
+            users.column("user_id").to_pylist(), users.column("split").to_pylist(), strict=True
+        )
+        if split == "seen"
+    }
+
+
+def averaged_users(cfg: PPDConfig, fewshot_dir: Path) -> set[int]:
+    """The users whose embedding is their shot sets' mean under ``evaluate.seen_embedding``."""
+    return seen_users(fewshot_dir) if cfg.evaluate.seen_embedding == "mean" else set()
+
+
+def known_user(embed_dir: Path, embedder: str | None, user_id: int, average: bool = False) -> UserCondition:
     if embedder is None:
         return UserCondition(int(user_id), "", None)
-    table = first_shot_sets(embed_dir, embedder)
+    table = user_conditions(embed_dir, embedder, {int(user_id)} if average else ())
     if int(user_id) not in table:
         raise InputError(f"user {user_id} has no shot set in this run's embeddings ({embedder})")
     sid, emb = table[int(user_id)]

@@ -4,7 +4,7 @@ Reward users are "users" whose labels follow one reward (the `relabel` stage, :m
 on the synthetic world single attributes standing in for CLIP score, aesthetic and HPS; on real data
 real reward models). They are trained on like any seen user, in the same PPD model. Here, for each
 pair (A, B) and weight a, the model generates from ``u = a * u_A + (1 - a) * u_B`` (u_X: the reward
-user's first shot-set embedding) on fixed prompts and seeds, and every loaded reward scores the images.
+user's embedding, as for any seen user) on fixed prompts and seeds, and every loaded reward scores the images.
 A's own reward should rise with a and B's fall: ``monotonicity`` reports the Spearman correlation and
 the largest step against the expected direction.
 """
@@ -36,7 +36,7 @@ def interpolation_study(
 ) -> tuple[pa.Table, pa.Table]:
     """(INTERPOLATION rows, MONOTONICITY rows); empty with fewer than two reward users.
 
-    ``conditions(embedder)``: user -> (first shot set id, embedding), as the evaluate stage reads it once
+    ``conditions(embedder)``: user -> (shot set id, embedding), as the evaluate stage reads it once
     per embedder; ``reward_users``: reward name -> user id (the relabel stage's); ``prompts``: one seed each.
     """
     rows, checks = [], []
@@ -53,7 +53,7 @@ def interpolation_study(
         present = [name for name in users if users[name] in table]
         for a, b in combinations(present, 2):
             u_a, u_b = table[users[a]][1], table[users[b]][1]
-            means: dict[str, list[float]] = {a: [], b: []}
+            scored: dict[str, list[np.ndarray]] = {a: [], b: []}  # per alpha: every prompt's score
             for alpha in e.interpolation_alphas:
                 emb = alpha * u_a + (1 - alpha) * u_b  # (*shape)
                 images = models.generate(model, prompts, seeds, emb, settings)  # (P, H, W, 3)
@@ -71,10 +71,11 @@ def interpolation_study(
                             "n": len(s),
                         }
                     )
-                    if reward.name in means:
-                        means[reward.name].append(float(s.mean()))
+                    if reward.name in scored:
+                        scored[reward.name].append(s)
             for name, sign, direction in ((a, 1.0, "rises with a"), (b, -1.0, "falls with a")):
-                m = monotonicity(e.interpolation_alphas, sign * np.asarray(means[name]))
+                per_prompt = sign * np.stack(scored[name])  # (alphas, prompts), paired across alphas
+                m = monotonicity(e.interpolation_alphas, per_prompt.mean(axis=1), samples=per_prompt)
                 checks.append(
                     {
                         "model": model,
@@ -85,6 +86,9 @@ def interpolation_study(
                         "spearman": m["spearman"],
                         "max_step_against": m["max_drop"],
                         "monotone": m["monotone"],
+                        "rise_z": m["rise_z"],
+                        "max_step_against_z": m["max_drop_z"],
+                        "monotone_within_noise": m["monotone_within_noise"],
                     }
                 )
     return (

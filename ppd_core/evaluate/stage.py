@@ -3,7 +3,7 @@ score every image; judges decide model-vs-baseline comparisons; win rates with i
 agreement with held-out labels, the interpolation study and the HTML report are written.
 
 Who is evaluated (DESIGN.md section 7): up to ``seen_users`` seen users with held-out prompts (conditioned
-on their first shot set, as in training) and up to ``unseen_users`` unseen users, each given one 4-pair
+on the mean of their shot sets' embeddings, or their first set: ``evaluate.seen_embedding``) and up to ``unseen_users`` unseen users, each given one 4-pair
 shot set. Prompts are each user's held-out captions (never in that user's shots or training pairs).
 The reward users of the `relabel` stage are not people: they appear only in the interpolation study.
 
@@ -35,7 +35,14 @@ from PIL import Image
 
 from ppd_core.config import PPDConfig
 from ppd_core.errors import StageError
-from ppd_core.evaluate.generate import MODELS, ModelSet, Settings, embedder_for, first_shot_sets
+from ppd_core.evaluate.generate import (
+    MODELS,
+    ModelSet,
+    Settings,
+    averaged_users,
+    embedder_for,
+    user_conditions,
+)
 from ppd_core.pipeline import world_dir
 
 REFERENCE_IMAGES = 512  # dataset images whose reward spread defines "one reward std" per user
@@ -132,10 +139,11 @@ def evaluate_stage(
     models = ["base", *[m for m in MODELS[1:] if f"train_{m}" in dirs]]
     models_set = ModelSet.load(cfg, dirs, models)
     by_embedder: dict[str, dict] = {}  # embedder -> user -> (first shot set id, embedding), read once each
+    average = averaged_users(cfg, dirs["fewshot"])  # seen users conditioned on their sets' mean
 
     def conditions(embedder: str) -> dict:
         if embedder not in by_embedder:
-            by_embedder[embedder] = first_shot_sets(dirs["embed"], embedder)
+            by_embedder[embedder] = user_conditions(dirs["embed"], embedder, average)
         return by_embedder[embedder]
 
     first = conditions(cfg.embed.default)

@@ -230,20 +230,53 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return float((rx * ry).sum() / norm) if norm > 0 else float("nan")
 
 
-def monotonicity(alphas: Sequence[float], values: Sequence[float], tolerance: float = 0.0) -> dict:
+def monotonicity(
+    alphas: Sequence[float],
+    values: Sequence[float],
+    tolerance: float = 0.0,
+    samples: np.ndarray | None = None,
+    z: float = 2.0,
+) -> dict:
     """Does ``values`` rise with ``alphas``? {"n", "spearman" (rank correlation), "max_drop" (largest
     decrease between consecutive alphas, 0 when none), "monotone" (no decrease larger than
-    ``tolerance``, i.e. non-decreasing within it)}."""
+    ``tolerance``, i.e. non-decreasing within it)}.
+
+    With ``samples`` (len(alphas), m): the paired per-sample values behind each mean (the same prompts
+    and seeds at every alpha), also {"max_drop_z" (the largest decrease in units of its paired standard
+    error), "rise_z" (the change from the smallest to the largest alpha in its standard error),
+    "monotone_within_noise" (it rises end to end by more than ``z`` standard errors and no step falls by
+    more than ``z`` of its own)}: a strict "no decrease at all" reads sampling noise in a flat stretch as
+    failure, while this one asks for a real rise and no real reversal."""
     alphas, values = np.asarray(alphas, float), np.asarray(values, float)
     if alphas.shape != values.shape or alphas.ndim != 1 or len(alphas) < 2:
         raise InputError(
             f"need two equal-length 1-D sequences of >= 2 values, got {alphas.shape}, {values.shape}"
         )
-    ordered = values[np.argsort(alphas, kind="stable")]
+    order = np.argsort(alphas, kind="stable")
+    ordered = values[order]
     max_drop = float(max(0.0, -np.diff(ordered).min()))
-    return {
+    out = {
         "n": len(values),
         "spearman": spearman(alphas, values),
         "max_drop": max_drop,
         "monotone": bool(max_drop <= tolerance),
     }
+    if samples is not None:
+        samples = np.asarray(samples, float)
+        if samples.ndim != 2 or samples.shape[0] != len(alphas) or samples.shape[1] < 2:
+            raise InputError(f"samples must be (len(alphas), m >= 2), got {samples.shape}")
+        ordered_samples = samples[order]
+        steps = np.diff(ordered_samples, axis=0)  # (len(alphas) - 1, m) paired differences
+        drop_z = -steps.mean(axis=1) / _standard_error(steps)
+        rise = ordered_samples[-1] - ordered_samples[0]
+        rise_z = float(rise.mean() / _standard_error(rise[None])[0])
+        out["max_drop_z"] = float(max(0.0, drop_z.max()))
+        out["rise_z"] = rise_z
+        out["monotone_within_noise"] = bool(rise_z > z and out["max_drop_z"] <= z)
+    return out
+
+
+def _standard_error(diffs: np.ndarray) -> np.ndarray:
+    """(k, m) paired differences -> (k,) standard errors of their means (a tiny floor: identical samples
+    give an exact zero difference, not a division by zero)."""
+    return np.maximum(diffs.std(axis=1, ddof=1) / np.sqrt(diffs.shape[1]), 1e-12)

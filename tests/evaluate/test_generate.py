@@ -30,7 +30,7 @@ def models(small_run):
 
 def test_fixed_seeds_give_identical_images_whatever_the_batch(models):
     cfg, dirs, ms = models
-    user = next(iter(gen.first_shot_sets(dirs["embed"], cfg.embed.default)))
+    user = next(iter(gen.user_conditions(dirs["embed"], cfg.embed.default)))
     cond = gen.known_user(dirs["embed"], cfg.embed.default, user)
     prompts, seeds = ["a red circle", "a blue square", "a red circle"], [0, 1, 2]
     one = ms.generate("ppd", prompts, seeds, cond.embedding)
@@ -41,9 +41,34 @@ def test_fixed_seeds_give_identical_images_whatever_the_batch(models):
     assert not np.array_equal(one[0], one[2])  # the seed matters
 
 
+def test_seen_users_can_be_conditioned_on_the_mean_of_their_shot_sets(models):
+    cfg, dirs, _ = models
+    from ppd_core.embed.extract import read_embeddings
+
+    table, emb = read_embeddings(dirs["embed"], cfg.embed.default)
+    uids = np.array(table.column("user_id").to_pylist())
+    seen = gen.seen_users(dirs["fewshot"])
+    user = next(u for u in seen if (uids == u).sum() > 1)  # a seen user with several shot sets
+    first = gen.user_conditions(dirs["embed"], cfg.embed.default)
+    mean = gen.user_conditions(dirs["embed"], cfg.embed.default, {user})
+    sets = emb[uids == user]
+    np.testing.assert_array_equal(first[user][1], sets[0])
+    np.testing.assert_allclose(mean[user][1], sets.mean(axis=0), rtol=1e-6)
+    assert mean[user][0] == first[user][0]  # the judge is still shown the first set
+    other = next(u for u in first if u != user)
+    np.testing.assert_array_equal(mean[other][1], first[other][1])  # only the listed users are averaged
+    assert gen.averaged_users(cfg, dirs["fewshot"]) == seen
+    first_cfg = cfg.model_copy(
+        update={"evaluate": cfg.evaluate.model_copy(update={"seen_embedding": "first"})}
+    )
+    assert gen.averaged_users(first_cfg, dirs["fewshot"]) == set()
+    cond = gen.known_user(dirs["embed"], cfg.embed.default, user, average=True)
+    np.testing.assert_allclose(cond.embedding, sets.mean(axis=0), rtol=1e-6)
+
+
 def test_population_baselines_ignore_the_user(models):
     cfg, dirs, ms = models
-    table = gen.first_shot_sets(dirs["embed"], cfg.embed.default)
+    table = gen.user_conditions(dirs["embed"], cfg.embed.default)
     (_, a), (_, b) = list(table.values())[:2]
     prompts, seeds = ["a green triangle"] * 2, [0, 1]
     dpo_a, dpo_b = ms.generate("dpo", prompts, seeds, a), ms.generate("dpo", prompts, seeds, b)
@@ -111,7 +136,7 @@ def test_cli_generate_writes_images_and_rejects_mistakes(small_run, tmp_path):
     prompts.write_text("a red circle\n\na blue square\n")
     sets = [a for s in SMALL_RUN for a in ("--set", s)]
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    user = next(iter(gen.first_shot_sets(outcomes["embed"].directory, cfg.embed.default)))
+    user = next(iter(gen.user_conditions(outcomes["embed"].directory, cfg.embed.default)))
     base = [PPD, "generate", "--root", str(cfg.run.root), "--prompts", str(prompts), *sets]
     ok = subprocess.run(
         [

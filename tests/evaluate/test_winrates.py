@@ -211,3 +211,30 @@ def test_spearman_averages_tied_ranks():
 def test_monotonicity_refuses_mismatched_inputs():
     with pytest.raises(InputError):
         monotonicity([0.0, 1.0], [1.0])
+
+
+def test_monotonicity_within_noise_forgives_a_small_reversal_but_not_a_real_one():
+    rng = np.random.default_rng(0)
+    alphas = [0.0, 0.25, 0.5, 0.75, 1.0]
+    prompt_effect = rng.normal(0, 1.0, 8)  # shared by every alpha: the pairing removes it
+    noise = rng.normal(0, 0.1, (5, 8))
+    noise -= noise.mean(axis=1, keepdims=True)  # so each alpha's mean is exactly the designed value
+    rising = np.array([0.0, 1.0, 0.99, 2.0, 3.0])[:, None] + prompt_effect + noise  # one step back by 0.01
+    out = monotonicity(alphas, rising.mean(1), samples=rising)
+    assert out["monotone"] is False  # strictly, the 0.01 step back fails
+    assert out["monotone_within_noise"] is True and out["max_drop_z"] <= 2 and out["rise_z"] > 2
+
+    reversal = np.array([0.0, 1.0, 0.5, 2.0, 3.0])[:, None] + prompt_effect + noise  # 0.5 back: 5 noise sd
+    out = monotonicity(alphas, reversal.mean(1), samples=reversal)
+    assert out["monotone_within_noise"] is False and out["max_drop_z"] > 2
+
+    flat = np.zeros((5, 1)) + prompt_effect + noise  # no effect at all: not monotone, however smooth
+    out = monotonicity(alphas, flat.mean(1), samples=flat)
+    assert out["monotone_within_noise"] is False and abs(out["rise_z"]) < 3
+
+
+def test_monotonicity_samples_must_pair_with_the_alphas():
+    with pytest.raises(InputError):
+        monotonicity([0.0, 1.0], [0.0, 1.0], samples=np.zeros((3, 4)))
+    out = monotonicity([0.0, 1.0], [0.0, 1.0], samples=np.array([[0.0, 0.0], [1.0, 1.0]]))
+    assert out["monotone_within_noise"] is True  # identical samples: an exact rise, zero noise
