@@ -91,3 +91,19 @@ def test_fingerprint_ignores_volatile_fields_only():
     assert fingerprint("ingest", a.ingest, code_version="1") != fingerprint(
         "ingest", a.ingest, code_version="2"
     )
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in CONFIGS.glob("pickapic_*.yaml")))
+def test_real_data_presets_evaluate_and_relabel_with_real_weights(preset):
+    from ppd_core.data.relabel import needs_tiny_models, needs_world
+    from ppd_core.pipeline import upstream_of
+
+    cfg = load_config(CONFIGS / preset, environ={})
+    specs = cfg.relabel_rewards()
+    assert [s.name for s in specs] == ["clip-score", "aesthetic", "hps"]  # the paper's reward users
+    assert not needs_world(specs) and not needs_tiny_models(specs)
+    assert upstream_of("relabel", cfg) == ("ingest",)  # no tiny offline weights, no synthetic world
+    tiny = [r.name for r in cfg.evaluate.rewards if r.model is None and r.kind != "image_reward"]
+    assert tiny == []  # every reward loads real weights
+    judges = {j.name: j for j in cfg.evaluate.judges}
+    assert judges[cfg.evaluate.primary_judge].kind == "vlm" and judges["vlm"].model
