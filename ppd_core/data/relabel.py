@@ -45,6 +45,7 @@ REWARD_USERS_FILE = "reward_users.parquet"
 PAIRS_DIR = "pairs"
 PAIR_ID_HEX = 20  # as ingest's pair ids
 WORLD_KINDS = ("oracle", "oracle_attribute")  # rewards read from the synthetic world
+SCORE_CHUNK = 64  # images decoded and scored at a time: memory stays flat whatever rows_per_reward is
 USER_ID_RANGE = (100_000, 10_000_000)  # where the synthetic world draws its users' ids too
 
 
@@ -88,15 +89,18 @@ def read_reward_users(relabel_dir: str | Path) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------- scoring
 
 
-def _score(reward, images: Sequence[np.ndarray], prompts: Sequence[str]) -> np.ndarray:
-    """Scores (N,) of images of any sizes: one batched call per image shape."""
-    out = np.empty(len(images), dtype=np.float64)
-    by_shape: dict[tuple, list[int]] = {}
-    for i, image in enumerate(images):
-        by_shape.setdefault(image.shape, []).append(i)
-    for rows in by_shape.values():
-        batch = np.stack([images[i] for i in rows])  # (B, H, W, 3) uint8
-        out[rows] = reward.score(batch, [prompts[i] for i in rows])
+def _score(reward, store, uids: Sequence[str], prompts: Sequence[str]) -> np.ndarray:
+    """Scores (N,) of the stored images ``uids``: decoded ``SCORE_CHUNK`` at a time (memory stays flat whatever
+    ``rows_per_reward`` is), one batched call per image shape within a chunk (real images vary in size)."""
+    out = np.empty(len(uids), dtype=np.float64)
+    for start in range(0, len(uids), SCORE_CHUNK):
+        images = [np.asarray(store.get_pil(u).convert("RGB")) for u in uids[start : start + SCORE_CHUNK]]
+        by_shape: dict[tuple, list[int]] = {}
+        for i, image in enumerate(images):
+            by_shape.setdefault(image.shape, []).append(i)
+        for rows in by_shape.values():
+            batch = np.stack([images[i] for i in rows])  # (B, H, W, 3) uint8
+            out[[start + i for i in rows]] = reward.score(batch, [prompts[start + i] for i in rows])
     return out
 
 
@@ -183,11 +187,10 @@ def relabel(
     for reward in rewards:
         sample = _sample(with_images, cfg.rows_per_reward, cfg.seed, reward.name)
         prompts = [c or "" for c in sample["caption"].to_pylist()]
-        scores = []
-        for column in ("winner_uid", "loser_uid"):
-            images = [np.asarray(store.get_pil(u).convert("RGB")) for u in sample[column].to_pylist()]
-            scores.append(_score(reward, images, prompts))
-        table, ties = _orient(sample, scores[0], scores[1], reward.name, users[reward.name])
+        winner, loser = (
+            _score(reward, store, sample[c].to_pylist(), prompts) for c in ("winner_uid", "loser_uid")
+        )
+        table, ties = _orient(sample, winner, loser, reward.name, users[reward.name])
         tables.append(table)
         rows.append(
             {"user_id": users[reward.name], "reward": reward.name, "rows": table.num_rows, "ties": ties}
