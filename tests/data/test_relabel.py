@@ -17,7 +17,11 @@ from ppd_core.embed.extract import image_store
 from ppd_core.evaluate.rewards import load_reward
 from ppd_core.schemas import PAIRS, REWARD_USERS
 
-TINY = ["world.num_users=12", "world.mean_pairs_per_user=20", "relabel.rows_per_reward=40"]
+TINY = [
+    "world.num_users=12",
+    "world.mean_pairs_per_user=20",
+    "relabel.rows_per_reward=100",
+]  # > SCORE_CHUNK: crosses chunks
 
 
 def _config(root, *extra: str):
