@@ -460,6 +460,17 @@ class RewardSpec(Section):
         None, description="Expected sha256 of the weight file (None: the published digest when one is known)."
     )
 
+    @property
+    def reads_world(self) -> bool:
+        """Scored from the synthetic world (oracle, one attribute), not from weights."""
+        return self.kind in ("oracle", "oracle_attribute")
+
+    @property
+    def uses_tiny_weights(self) -> bool:
+        """A model reward without ``model`` loads the tiny offline weights of the tiny_models stage (ImageReward
+        has none: it loads its released checkpoint)."""
+        return not self.reads_world and self.kind != "image_reward" and self.model is None
+
 
 class JudgeSpec(Section):
     """One judge: given a user's 4 shots and a pair of images, which one would this user prefer."""

@@ -44,18 +44,16 @@ from ppd_core.schemas import PAIRS, PAIRS_PARTITION, REWARD_USERS
 REWARD_USERS_FILE = "reward_users.parquet"
 PAIRS_DIR = "pairs"
 PAIR_ID_HEX = 20  # as ingest's pair ids
-WORLD_KINDS = ("oracle", "oracle_attribute")  # rewards read from the synthetic world
 SCORE_CHUNK = 64  # images decoded and scored at a time: memory stays flat whatever rows_per_reward is
 USER_ID_RANGE = (100_000, 10_000_000)  # where the synthetic world draws its users' ids too
 
 
 def needs_world(specs: Sequence[RewardSpec]) -> bool:
-    return any(s.kind in WORLD_KINDS for s in specs)
+    return any(s.reads_world for s in specs)
 
 
 def needs_tiny_models(specs: Sequence[RewardSpec]) -> bool:
-    """A model reward without ``model`` loads the tiny offline weights (ImageReward has none: its release)."""
-    return any(s.kind not in (*WORLD_KINDS, "image_reward") and s.model is None for s in specs)
+    return any(s.uses_tiny_weights for s in specs)
 
 
 def _rng(seed: int, stream: str) -> np.random.Generator:

@@ -190,13 +190,15 @@ def user_conditions(
 
 def seen_users(fewshot_dir: Path) -> set[int]:
     """Users the trained models saw (fewshot's split "seen")."""
+    from ppd_core.data.fewshot import SEEN
+
     users = pq.read_table(Path(fewshot_dir) / "users.parquet", columns=["user_id", "split"])
     return {
         int(u)
         for u, split in zip(
             users.column("user_id").to_pylist(), users.column("split").to_pylist(), strict=True
         )
-        if split == "seen"
+        if split == SEEN
     }
 
 

@@ -51,7 +51,6 @@ TINY_RECORD = "reward.json"  # {"model", "processor", "sha256"} of one tiny rewa
 BATCH_SIZE = 64  # images per forward: bounds memory whatever N is
 CLIP_MAX_LENGTH = 77
 HF_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")  # one-file HF checkpoints, preferred first
-WORLD_KINDS = ("oracle", "oracle_attribute")
 # image_reward with model None: the released checkpoint (there is no tiny ImageReward)
 IMAGE_REWARD_DEFAULT = "THUDM/ImageReward/ImageReward.pt"
 
@@ -592,7 +591,7 @@ def load_reward(
     spec: RewardSpec, tiny_models_dir: Path | None = None, world_dir: Path | None = None, device: str = "cpu"
 ) -> Reward:
     """Build one reward. Raises RewardUnavailable (environment) or another PPDError (a mistake)."""
-    if spec.kind in WORLD_KINDS:
+    if spec.reads_world:
         world, digest = _load_world(world_dir, spec)
         if spec.kind == "oracle":
             return OracleReward(spec.name, world, digest)
