@@ -1,4 +1,4 @@
-"""The data flow: synthesize (toy) -> ingest -> [tiny_models] -> relabel -> fewshot -> embed -> probe, each a cached
+"""The data flow: synthesize (toy) -> ingest -> [tiny_models] -> relabel -> fewshot -> encoder -> embed -> probe, each a cached
 Prefect task.
 
 A stage is a cache hit when Prefect holds a record for its fingerprint *and* its output directory
@@ -16,6 +16,7 @@ from ppd_core import pipeline
 from ppd_core.config import PPDConfig
 from ppd_core.manifest import is_complete, load_manifest
 from tasks.embed import embed_task
+from tasks.encoder import encoder_task
 from tasks.evaluate import evaluate_task
 from tasks.fewshot import fewshot_task
 from tasks.ingest import ingest_task
@@ -31,6 +32,7 @@ STAGE_TASKS = {
     "tiny_models": tiny_models_task,
     "relabel": relabel_task,
     "fewshot": fewshot_task,
+    "encoder": encoder_task,
     "embed": embed_task,
     "probe": probe_task,
     "pretrain": pretrain_task,
@@ -39,6 +41,7 @@ STAGE_TASKS = {
     "train_dpo": train_task.with_options(name="train_dpo"),
     "train_sft": train_task.with_options(name="train_sft"),
     "train_ppd_true": train_task.with_options(name="train_ppd_true"),
+    "train_ppd_shots": train_task.with_options(name="train_ppd_shots"),
     "evaluate": evaluate_task,
 }
 

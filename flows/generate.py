@@ -1,6 +1,6 @@
 """``ppd generate``: images from a trained run (or the base model) for one user, prompts and seeds.
 
-    ppd generate --root DIR --model {ppd,dpo,sft,base,ppd_true} (--shots FILE | --user ID) --prompts FILE
+    ppd generate --root DIR --model {ppd,dpo,sft,base,ppd_true,ppd_shots} (--shots FILE | --user ID) --prompts FILE
                  [--seeds N] [--scale X] [--guidance G] [--user-guidance G] [--steps N] --out DIR
 
 Nothing is trained or embedded in the run root: the run's stages must be complete for the same config
@@ -22,7 +22,7 @@ from ppd_core.errors import InputError, PPDError
 
 def generate_command(
     root: Annotated[Path, typer.Option("--root", help="Run root of a completed `ppd run`.")],
-    model: Annotated[str, typer.Option("--model", help="base, ppd, dpo, sft or ppd_true.")],
+    model: Annotated[str, typer.Option("--model", help="base, ppd, dpo, sft, ppd_true or ppd_shots.")],
     prompts: Annotated[Path, typer.Option("--prompts", help="Text file, one prompt per line.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Output directory (images + manifest.json).")],
     shots: Annotated[

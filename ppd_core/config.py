@@ -198,9 +198,10 @@ class EmbedderSpec(Section):
     """One embedder of the `embed` stage."""
 
     name: str = Field(description="Unique label, used in tables and as the key of its embedding shards.")
-    kind: Literal["vlm", "clip_diff", "true_preference", "true_attribute_diff"] = Field(
+    kind: Literal["vlm", "clip_diff", "encoder", "true_preference", "true_attribute_diff"] = Field(
         description="vlm: a transformers image-text-to-text model (the paper's); clip_diff: open_clip mean(preferred - "
-        "dispreferred) image features; true_*: the synthetic world's references (toy runs only)."
+        "dispreferred) image features; encoder: the few-shot preference encoder trained by the `encoder` stage "
+        "(configured in the encoder section); true_*: the synthetic world's references (toy runs only)."
     )
     model: str | None = Field(
         None,
@@ -227,10 +228,11 @@ class EmbedderSpec(Section):
 
 
 def _default_embedders() -> tuple[EmbedderSpec, ...]:
+    # the paper's prefill/generate read-outs are diagnostics offline (a random VLM cannot read them): they
+    # run in configs/toy_readouts.yaml, not in the default list
     return (
+        EmbedderSpec(name="encoder", kind="encoder"),
         EmbedderSpec(name="vlm-image_diff", kind="vlm", readout="image_diff"),
-        EmbedderSpec(name="vlm-prefill", kind="vlm", readout="prefill"),
-        EmbedderSpec(name="vlm-generate", kind="vlm", readout="generate", max_new_tokens=16),
         EmbedderSpec(name="clip-diff", kind="clip_diff"),
         EmbedderSpec(name="true-preference", kind="true_preference"),
         EmbedderSpec(name="true-attribute-diff", kind="true_attribute_diff"),
@@ -256,7 +258,7 @@ class EmbedConfig(Section):
     embedders: tuple[EmbedderSpec, ...] = Field(
         default_factory=_default_embedders, description="Embedders to run; each writes its own shards."
     )
-    default: str = Field("vlm-image_diff", description="The embedder whose vectors condition training.")
+    default: str = Field("encoder", description="The embedder whose vectors condition training.")
     batch_size: int = volatile(16, "Shot sets per forward batch.", ge=1)
     shard_sets: int = volatile(256, "Shot sets per output shard (a shard completes atomically).", ge=1)
     device: str = volatile("auto", "Torch device: auto (cuda when available), cpu, cuda, cuda:1, ...")
@@ -274,6 +276,75 @@ class EmbedConfig(Section):
         if self.default not in names:
             raise ValueError(f"default embedder {self.default!r} is not among {names}")
         return self
+
+
+class FeatureSourceSpec(Section):
+    """Frozen per-image features that the preference encoder reads (computed once per image, cached)."""
+
+    kind: Literal["vlm", "open_clip"] = Field(
+        "vlm",
+        description="vlm: a transformers image-text-to-text model's projected image tokens (the tokens the language "
+        "model reads), pooled to a grid; open_clip: open_clip image features (encode_image).",
+    )
+    model: str | None = Field(
+        None,
+        description="Hub id or local directory (open_clip: a model name, 'local-dir:DIR' or a directory). None: the "
+        "tiny offline default built by the tiny_models stage.",
+    )
+    grid: int = Field(
+        4,
+        ge=1,
+        description="vlm only: the base image's token grid is average-pooled to grid x grid cells and flattened "
+        "(1 = mean over all tokens; more cells keep where things are in the image).",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Model dtype.")
+
+
+class EncoderConfig(Section):
+    """The `encoder` stage: a few-shot preference encoder trained on seen users' labels (VPL/LoRe style).
+
+    A reward basis g maps image features to z_dim numbers; a user vector z scores an image as z . g(image).
+    The basis is first fitted as a low-rank Bradley-Terry model with one free vector per training user; then
+    the encoder (pair encoder over (g(preferred), g(dispreferred), their difference), set pooling over the K
+    pairs, an MLP to z) learns to predict the same user's other pairs from a freshly resampled K-shot context.
+    """
+
+    features: FeatureSourceSpec = Field(
+        default_factory=FeatureSourceSpec, description="Per-image feature source."
+    )
+    seed: int = Field(0, description="Seed of initialisation, user split, contexts and targets.")
+    z_dim: int = Field(6, ge=1, description="Width of the user vector z (and of the reward basis).")
+    hidden: int = Field(64, ge=4, description="Width of the pair encoder and set pooling.")
+    pooling: Literal["mean", "attention"] = Field(
+        "mean",
+        description="Permutation-invariant pooling over the K pairs: mean, or attention with a learned query.",
+    )
+    variational: bool = Field(
+        False,
+        description="Predict a Gaussian over z (mean and log-variance) and add a KL term; embeddings are the mean.",
+    )
+    kl_weight: float = Field(1e-3, ge=0, description="Weight of the KL term (variational only).")
+    basis_steps: int = Field(1500, ge=1, description="Full-batch steps of the low-rank basis fit.")
+    basis_lr: float = Field(1e-2, gt=0, description="Adam learning rate of the basis fit.")
+    basis_l2: float = Field(
+        3e-3, ge=0, description="L2 penalty on the basis weights and the per-user vectors."
+    )
+    steps: int = Field(2000, ge=1, description="Encoder optimizer steps.")
+    users_per_step: int = Field(64, ge=1, description="Users drawn per step (each with its own context).")
+    targets_per_user: int = Field(8, ge=1, description="Target pairs per drawn user (never in its context).")
+    lr: float = Field(3e-3, gt=0, description="AdamW learning rate of the encoder.")
+    weight_decay: float = Field(1e-3, ge=0, description="AdamW weight decay of the encoder.")
+    validation_fraction: float = Field(
+        0.15,
+        gt=0,
+        lt=1,
+        description="Share of seen users held out to pick the checkpoint (by held-out pair accuracy).",
+    )
+    validation_contexts: int = Field(4, ge=1, description="Contexts drawn per validation user.")
+    validate_every: int = Field(100, ge=1, description="Steps between validations (the best one is kept).")
+    checkpoint_every: int = volatile(250, "Steps between resumable checkpoints.", ge=1)
+    feature_batch: int = volatile(128, "Images per feature-extraction batch.", ge=1)
+    device: str = volatile("auto", "Torch device: auto (cuda when available), cpu, cuda, cuda:1, ...")
 
 
 class ProbeConfig(Section):
@@ -295,6 +366,16 @@ class ProbeConfig(Section):
         "all",
         description="Multi-row embeddings (VLM hidden states): probe all rows flattened, or only the last row "
         "(the paper's probe reads emb[-1]; use it for large VLMs).",
+    )
+    pair_rank: int = Field(
+        6,
+        ge=1,
+        description="Pair diagnostics: width of the Bradley-Terry probe's reward basis and user vector.",
+    )
+    pair_steps: int = Field(800, ge=1, description="Pair diagnostics: full-batch Adam steps per fit.")
+    pair_lr: float = Field(1e-2, gt=0, description="Pair diagnostics: Adam learning rate.")
+    pair_l2: float = Field(
+        3e-3, ge=0, description="Pair diagnostics: L2 penalty on the basis and the user read-out."
     )
 
 
@@ -381,9 +462,17 @@ class TrainConfig(Section):
     )
     ceiling_embedder: str | None = Field(
         "true-preference",
-        description="On the synthetic world, also train a ppd model (stage train_ppd_true) conditioned on this "
-        "embedder (the user's true preference vector): the ceiling every real embedder is reported against. "
+        description="Also train a ppd model (stage train_ppd_true, model ppd_true) conditioned on this embedder: "
+        "by default the user's true preference vector, the ceiling every real embedder is reported against. Any "
+        "embedder of embed.embedders (skipped when it is not listed, or is a synthetic-world reference on real data). "
         "None: skip it.",
+    )
+    shots_ceiling_embedder: str | None = Field(
+        "true-attribute-diff",
+        description="Also train a ppd model (stage train_ppd_shots, model ppd_shots) conditioned on this embedder: "
+        "by default the world's true attribute differences of the same K shots, the K-shot ceiling (all the shots "
+        "can tell). Any embedder of embed.embedders (skipped when it is not listed, or is a synthetic-world reference "
+        "on real data). None: skip it.",
     )
     seed: int = Field(0, description="Seed of initialisation, data order, noise and timesteps.")
     steps: int = Field(
@@ -601,6 +690,10 @@ class PPDConfig(Section):
         default_factory=TinyModelsConfig, description="Tiny offline default models."
     )
     embed: EmbedConfig = Field(default_factory=EmbedConfig, description="User preference embeddings.")
+    encoder: EncoderConfig = Field(
+        default_factory=EncoderConfig,
+        description="Few-shot preference encoder (the `encoder` embedder kind).",
+    )
     probe: ProbeConfig = Field(default_factory=ProbeConfig, description="User-identification probe.")
     backbone: BackboneConfig = Field(default_factory=BackboneConfig, description="Text-to-image backbone.")
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="Toy backbone pretraining.")

@@ -34,25 +34,36 @@ STAGE_VERSIONS: dict[str, str] = {
     "tiny_models": "2",
     "relabel": "1",
     "fewshot": "2",
+    "encoder": "1",
     "embed": "1",
-    "probe": "1",
+    "probe": "2",
     "pretrain": "1",
     "cache_latents": "1",
     "train_ppd": "1",
     "train_dpo": "1",
     "train_sft": "1",
     "train_ppd_true": "1",
-    "evaluate": "3",
+    "train_ppd_shots": "1",
+    "evaluate": "4",
 }
-# train stage -> trainer; train_ppd_true is the ppd trainer on the world's true-preference embedding (the ceiling)
-TRAINERS = {"train_ppd": "ppd", "train_dpo": "dpo", "train_sft": "sft", "train_ppd_true": "ppd"}
+# train stage -> trainer; train_ppd_true and train_ppd_shots are the ppd trainer on the ceiling embedders (by
+# default the world's true preference vector, and the true attribute differences of the same K shots)
+TRAINERS = {
+    "train_ppd": "ppd",
+    "train_dpo": "dpo",
+    "train_sft": "sft",
+    "train_ppd_true": "ppd",
+    "train_ppd_shots": "ppd",
+}
+# ceiling train stage -> the train config field naming its embedder
+CEILINGS = {"train_ppd_true": "ceiling_embedder", "train_ppd_shots": "shots_ceiling_embedder"}
 TRAIN_STAGES = tuple(TRAINERS)
 STAGE_ORDER: tuple[str, ...] = tuple(STAGE_VERSIONS)
 
 Progress = Callable[[int, int], None]
 MapFn = Callable[[Callable, Sequence], Iterable]
 # stages whose partial directory survives a crash (their shards complete atomically)
-RESUMABLE = frozenset({"embed", *TRAIN_STAGES})
+RESUMABLE = frozenset({"encoder", "embed", *TRAIN_STAGES})
 
 
 def upstream_of(stage: str, cfg: PPDConfig) -> tuple[str, ...]:
@@ -68,13 +79,19 @@ def upstream_of(stage: str, cfg: PPDConfig) -> tuple[str, ...]:
         return ("ingest", *tiny, *(world if needs_world(specs) else ()))
     if stage == "fewshot":
         return ("ingest", "relabel")
+    encoder_tiny = cfg.encoder.features.model is None
+    if stage == "encoder":
+        return ("fewshot", "ingest", *(("tiny_models",) if encoder_tiny else ()))
     if stage == "embed":
-        from ppd_core.embed.extract import needs_tiny_models, needs_world
+        from ppd_core.embed.extract import needs_encoder, needs_tiny_models, needs_world
 
-        tiny = ("tiny_models",) if needs_tiny_models(cfg.embed) else ()
-        return ("fewshot", "ingest", *tiny, *(world if needs_world(cfg.embed) else ()))
+        encoder = ("encoder",) if needs_encoder(cfg.embed) else ()
+        tiny = ("tiny_models",) if needs_tiny_models(cfg.embed) or (encoder and encoder_tiny) else ()
+        return ("fewshot", "ingest", *encoder, *tiny, *(world if needs_world(cfg.embed) else ()))
     if stage == "probe":
-        return ("embed", "fewshot", *world)
+        from ppd_core.embed.extract import needs_encoder
+
+        return ("embed", "fewshot", *(("encoder",) if needs_encoder(cfg.embed) else ()), *world)
     toy = backbone_stages(cfg)
     if stage == "pretrain":
         return ("ingest",)
@@ -84,8 +101,19 @@ def upstream_of(stage: str, cfg: PPDConfig) -> tuple[str, ...]:
         return ("cache_latents", "embed", "fewshot", *toy)
     if stage == "evaluate":
         trained = tuple(f"train_{t}" for t in cfg.train.trainers)
-        ceiling = ("train_ppd_true",) if has_ceiling(cfg) else ()
-        return ("fewshot", "ingest", "relabel", "embed", "tiny_models", *toy, *trained, *ceiling, *world)
+        ceilings = tuple(stage for stage in CEILINGS if has_ceiling(cfg, stage))
+        return (
+            "fewshot",
+            "ingest",
+            "relabel",
+            "embed",
+            "probe",
+            "tiny_models",
+            *toy,
+            *trained,
+            *ceilings,
+            *world,
+        )
     return ()
 
 
@@ -94,24 +122,24 @@ def backbone_stages(cfg: PPDConfig) -> tuple[str, ...]:
     return ("pretrain",) if cfg.backbone.kind == "toy" and cfg.backbone.model is None else ()
 
 
-def has_ceiling(cfg: PPDConfig) -> bool:
-    """Whether the ceiling model (ppd on the true-preference embedding) can be trained: synthetic world only."""
-    names = {e.name: e.kind for e in cfg.embed.embedders}
-    return (
-        not cfg.ingest.source
-        and cfg.train.ceiling_embedder is not None
-        and names.get(cfg.train.ceiling_embedder) == "true_preference"
-    )
+def has_ceiling(cfg: PPDConfig, stage: str = "train_ppd_true") -> bool:
+    """Whether a ceiling train stage runs: its embedder is set and can run here (world references: toy only)."""
+    from ppd_core.embed.extract import WORLD_KINDS
+
+    name = getattr(cfg.train, CEILINGS[stage])
+    kinds = {e.name: e.kind for e in cfg.embed.embedders}
+    return name in kinds and (kinds[name] not in WORLD_KINDS or not cfg.ingest.source)
 
 
 def train_embedder(cfg: PPDConfig, stage: str) -> str:
     """The embedder whose vectors condition a train stage."""
-    if stage == "train_ppd_true":
-        if not has_ceiling(cfg):
+    if stage in CEILINGS:
+        if not has_ceiling(cfg, stage):
             raise StageError(
-                "train_ppd_true needs the synthetic world and train.ceiling_embedder naming a true_preference embedder"
+                f"{stage} needs train.{CEILINGS[stage]} naming an embedder of embed.embedders (a synthetic-world "
+                "reference only without --source)"
             )
-        return cfg.train.ceiling_embedder
+        return getattr(cfg.train, CEILINGS[stage])
     return cfg.embed.default
 
 
@@ -160,7 +188,7 @@ def _section(cfg: PPDConfig, stage: str) -> BaseModel | dict:
     if stage == "cache_latents":
         return {"backbone": _backbone_fields(cfg)}
     if stage in TRAIN_STAGES:
-        skip = ("trainers", "ceiling_embedder")
+        skip = ("trainers", "ceiling_embedder", "shots_ceiling_embedder")
         train = {k: v for k, v in stable_fields(cfg.train).items() if k not in skip}
         return {
             "train": train,
@@ -251,15 +279,24 @@ def _build(
         from ppd_core.data.fewshot import sample_fewshot
 
         return lambda out: sample_fewshot(cfg.fewshot, dirs["ingest"], out, dirs["relabel"])
+    if p.stage == "encoder":
+        from ppd_core.embed.encoder_stage import EncoderInputs, encoder_stage
+
+        inputs = EncoderInputs(dirs["fewshot"], dirs["ingest"], dirs.get("tiny_models"))
+        return lambda out: encoder_stage(cfg.encoder, cfg.fewshot.shots, inputs, out, progress=progress)
     if p.stage == "embed":
         from ppd_core.embed.extract import EmbedInputs, embed_stage
 
-        inputs = EmbedInputs(dirs["fewshot"], dirs["ingest"], dirs.get("tiny_models"), world_dir(dirs))
+        inputs = EmbedInputs(
+            dirs["fewshot"], dirs["ingest"], dirs.get("tiny_models"), world_dir(dirs), dirs.get("encoder")
+        )
         return lambda out: embed_stage(cfg.embed, inputs, out, map_fn=map_fn, progress=progress)
     if p.stage == "probe":
         from ppd_core.embed.probe_stage import probe_stage
 
-        return lambda out: probe_stage(cfg.probe, dirs["embed"], dirs["fewshot"], world_dir(dirs), out)
+        return lambda out: probe_stage(
+            cfg.probe, dirs["embed"], dirs["fewshot"], world_dir(dirs), out, dirs.get("encoder")
+        )
     if p.stage == "pretrain":
         from ppd_core.train.pretrain import pretrain
 

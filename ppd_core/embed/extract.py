@@ -47,6 +47,7 @@ class EmbedInputs:
     ingest: Path
     tiny_models: Path | None = None
     world: Path | None = None  # the synthesize output, for the reference embedders
+    encoder: Path | None = None  # the encoder stage's output, for the encoder embedder kind
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,10 @@ def needs_world(cfg: EmbedConfig) -> bool:
     return any(s.kind in WORLD_KINDS for s in cfg.embedders)
 
 
+def needs_encoder(cfg: EmbedConfig) -> bool:
+    return any(s.kind == "encoder" for s in cfg.embedders)
+
+
 def active_embedders(cfg: EmbedConfig, inputs: EmbedInputs) -> list[EmbedderSpec]:
     """Embedders that can run on these inputs: the world references need the synthetic world."""
     return [s for s in cfg.embedders if s.kind not in WORLD_KINDS or inputs.world is not None]
@@ -82,8 +87,16 @@ def resolve_device(device: str) -> torch.device:
 
 
 @cache
-def _load_embedder(spec: EmbedderSpec, tiny_models: Path | None, world: Path | None, device: str) -> Embedder:
+def _load_embedder(
+    spec: EmbedderSpec, tiny_models: Path | None, world: Path | None, encoder: Path | None, device: str
+) -> Embedder:
     """One instance per (spec, inputs, device) and process: shard tasks in threads share it."""
+    if spec.kind == "encoder":
+        from ppd_core.embed.encoder import EncoderEmbedder
+
+        if encoder is None:
+            raise StageError(f"embedder {spec.name} (encoder) needs the encoder stage's output")
+        return EncoderEmbedder(encoder, tiny_models, device, name=spec.name)
     if spec.kind == "vlm":
         from ppd_core.embed.vlm import VLMEmbedder
 
@@ -105,7 +118,7 @@ def _load_embedder(spec: EmbedderSpec, tiny_models: Path | None, world: Path | N
 
 
 def load_embedder(spec: EmbedderSpec, inputs: EmbedInputs, device: str = "auto") -> Embedder:
-    return _load_embedder(spec, inputs.tiny_models, inputs.world, device)
+    return _load_embedder(spec, inputs.tiny_models, inputs.world, inputs.encoder, device)
 
 
 def read_shot_sets(fewshot_dir: Path) -> pa.Table:

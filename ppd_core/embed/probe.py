@@ -93,7 +93,7 @@ def _lr_factor(step: int, total: int) -> float:
 
 
 @contextlib.contextmanager
-def _single_thread() -> Iterator[None]:
+def single_thread() -> Iterator[None]:
     """Run torch on one intra-op thread for the block (process-wide, restored after).
 
     The probe's matmuls are small (batch 64, width 512): a second thread barely helps when the CPU
@@ -118,7 +118,7 @@ def train_probe(
     num_classes = int(y.max()) + 1 if num_classes is None else num_classes
     steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
-    with _single_thread(), torch.random.fork_rng(devices=[]):
+    with single_thread(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # init and dropout
         model = ProbeMLP(x.shape[1], cfg.hidden, cfg.blocks, cfg.dropout, num_classes)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

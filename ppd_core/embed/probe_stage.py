@@ -4,6 +4,10 @@ For every embedder of the `embed` output: user identification on held-out shot s
 (the paper's MLP, a nearest-centroid baseline, chance) and, on the synthetic world, archetype
 accuracy for unseen users from centroids of seen users. The reference embedders (true preference,
 true attribute differences of the 4 shots) sit in the same table as the ceiling.
+
+With the encoder stage's image features, also the held-out pair accuracy of unseen users from their K
+shots (:mod:`ppd_core.embed.pair_probe`): the diagnostic that predicts generation for new users, beside
+a population reward model.
 """
 
 from __future__ import annotations
@@ -30,7 +34,12 @@ def _archetypes(world_dir: Path | None) -> dict[int, int] | None:
 
 
 def probe_stage(
-    cfg: ProbeConfig, embed_dir: Path, fewshot_dir: Path, world_dir: Path | None, out_dir: Path
+    cfg: ProbeConfig,
+    embed_dir: Path,
+    fewshot_dir: Path,
+    world_dir: Path | None,
+    out_dir: Path,
+    encoder_dir: Path | None = None,
 ) -> dict:
     manifest = load_manifest(embed_dir)
     embedders = manifest.counts["embedders"] if manifest else {}
@@ -53,6 +62,11 @@ def probe_stage(
         rows += [
             {"embedder": name, "kind": kind, **{k: r[k] for k in PROBE_SCHEMA.names[2:]}} for r in results
         ]
+    if encoder_dir is not None:  # held-out pair accuracy needs the encoder stage's image features
+        from ppd_core.embed.pair_probe import pair_diagnostics
+
+        kinds = {name: str(info.get("identity", {}).get("kind", "")) for name, info in embedders.items()}
+        rows += pair_diagnostics(cfg, embed_dir, fewshot_dir, encoder_dir, kinds)
     table = pa.Table.from_pylist(rows, schema=PROBE_SCHEMA)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
@@ -70,3 +84,26 @@ def summarize(rows: list[dict]) -> dict[str, dict[str, float]]:
             float(r["accuracy"]), 4
         )
     return out
+
+
+def stage1_view(probe_dir: Path | None, default: str, ceiling: str | None) -> dict:
+    """What the report shows of the probe: per embedder its archetype, identification and held-out pair
+    accuracies; and the pair accuracy of the default embedder, the K-shot ceiling and the population model."""
+    if probe_dir is None or not (Path(probe_dir) / "summary.json").is_file():
+        return {}
+    summary = json.loads((Path(probe_dir) / "summary.json").read_text())
+    pick = {
+        "archetype_unseen": "archetype_unseen/nearest_centroid@1",
+        "user_id_top1": "user_id/mlp@1",
+    }
+    table = {}
+    for name, scores in summary.items():
+        row = {label: scores.get(key) for label, key in pick.items()}
+        row["pairs_unseen"] = next((v for k, v in scores.items() if k.startswith("pairs_unseen/")), None)
+        table[name] = row
+    pairs = {
+        "default": table.get(default, {}).get("pairs_unseen"),
+        "ceiling": table.get(ceiling, {}).get("pairs_unseen") if ceiling else None,
+        "population": table.get("(population)", {}).get("pairs_unseen"),
+    }
+    return {"embedders": table, "pairs_unseen": pairs}

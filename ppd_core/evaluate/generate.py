@@ -1,8 +1,9 @@
 """Personalized generation: a trained run (or the base model), a user, prompts and seeds -> images.
 
 A *model* is one of :data:`MODELS`: ``base`` (the backbone, user branch off), ``ppd`` (the adapter trained
-on the default embedder's user embeddings), ``ppd_true`` (the same trainer on the synthetic world's true
-preference vectors: the ceiling), and the baselines ``dpo`` / ``sft`` (the same adapter trained on one
+on the default embedder's user embeddings), ``ppd_true`` and ``ppd_shots`` (the same trainer on the ceiling
+embedders: by default the synthetic world's true preference vectors, and the true attribute differences of
+the same K shots, the K-shot ceiling), and the baselines ``dpo`` / ``sft`` (the same adapter trained on one
 constant embedding, so they ignore the user). The backbone is loaded once; each model's exported adapter
 (``<train dir>/export/ip_adapter.safetensors``) is installed before it samples.
 
@@ -21,7 +22,7 @@ import hashlib
 import json
 import tempfile
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +36,14 @@ from ppd_core.models.adapter import UserAdapter
 from ppd_core.models.backbone import Backbone
 from ppd_core.pipeline import world_dir
 
-MODELS = ("base", "ppd", "ppd_true", "dpo", "sft")
-TRAIN_STAGE = {"ppd": "train_ppd", "ppd_true": "train_ppd_true", "dpo": "train_dpo", "sft": "train_sft"}
+MODELS = ("base", "ppd", "ppd_true", "ppd_shots", "dpo", "sft")
+TRAIN_STAGE = {
+    "ppd": "train_ppd",
+    "ppd_true": "train_ppd_true",
+    "ppd_shots": "train_ppd_shots",
+    "dpo": "train_dpo",
+    "sft": "train_sft",
+}
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,8 @@ def embedder_for(cfg: PPDConfig, model: str) -> str | None:
         return cfg.embed.default
     if model == "ppd_true":
         return cfg.train.ceiling_embedder
+    if model == "ppd_shots":
+        return cfg.train.shots_ceiling_embedder
     return None
 
 
@@ -280,8 +289,12 @@ def new_user(cfg: PPDConfig, dirs: Mapping[str, Path], embedder: str | None, pat
             "the ppd_true model is conditioned on the synthetic world's true preference vectors, which a new "
             "user's pairs do not give; use --model ppd"
         )
-    inputs = EmbedInputs(dirs.get("fewshot"), dirs.get("ingest"), dirs.get("tiny_models"), world_dir(dirs))
-    out = load_embedder(spec, inputs, cfg.embed.device).embed([shot_set])
+    inputs = EmbedInputs(
+        dirs.get("fewshot"), dirs.get("ingest"), dirs.get("tiny_models"), world_dir(dirs), dirs.get("encoder")
+    )
+    # a new user's image uids name no image of this run: their features come from the pixels, never a cache
+    shots = tuple(replace(s, preferred_uid="", dispreferred_uid="") for s in shot_set.shots)
+    out = load_embedder(spec, inputs, cfg.embed.device).embed([replace(shot_set, shots=shots)])
     return UserCondition(shot_set.user_id, shot_set.shot_set_id, out.embeddings[0].numpy().astype(np.float32))
 
 

@@ -26,6 +26,7 @@ ScoreLookup = Callable[[tuple[str, str]], np.ndarray | None]
 COMPARISON_PAIRS = (
     ("ppd", "base"),
     ("ppd_true", "base"),
+    ("ppd_shots", "base"),
     ("dpo", "base"),
     ("sft", "base"),
     ("ppd", "dpo"),

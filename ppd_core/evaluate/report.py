@@ -55,8 +55,8 @@ def headline(rates: pa.Table, judge: str) -> dict[str, dict]:
     return out
 
 
-def targets(head: Mapping[str, dict], monotone: pa.Table) -> list[dict]:
-    """DESIGN.md section 9's quality targets that these figures can check."""
+def targets(head: Mapping[str, dict], monotone: pa.Table, probe: Mapping | None = None) -> list[dict]:
+    """The quality targets these figures can check (docs/quality.md); ``probe``: :func:`probe_view`."""
 
     def get(key: str, field: str = "win_rate") -> float | None:
         return head.get(key, {}).get(field)
@@ -73,12 +73,35 @@ def targets(head: Mapping[str, dict], monotone: pa.Table) -> list[dict]:
             check(f"{group}: true-preference PPD reward gain >= 0.2 std", g, g is not None and g >= 0.2)
     w, d = get("seen:ppd_vs_base"), get("seen:dpo_vs_base")
     if w is not None:
-        check("seen: 4-shot PPD beats base >= 0.70", w, w >= 0.70)
+        g = get("seen:ppd_vs_base", "reward_gain")
+        check("seen: PPD beats base >= 0.83", w, w >= 0.83)
+        check("seen: PPD reward gain >= 0.6 std", g, g is not None and g >= 0.6)
         if d is not None:
             check("seen: PPD above population DPO by >= 0.05", w - d, w - d >= 0.05)
-    w, d = get("unseen:ppd_vs_base"), get("unseen:dpo_vs_base")
-    if w is not None and d is not None:
-        check("unseen: PPD above population DPO", w - d, w - d > 0)
+    w = get("unseen:ppd_vs_base")
+    if w is not None:
+        g, low = get("unseen:ppd_vs_base", "reward_gain"), get("unseen:ppd_vs_base", "reward_gain_low")
+        check("unseen (K shots): PPD beats base >= 0.72", w, w >= 0.72)
+        check("unseen (K shots): PPD reward gain >= 0.7 std", g, g is not None and g >= 0.7)
+        check(
+            "unseen (K shots): lower bound of the PPD reward gain > 0.3", low, low is not None and low > 0.3
+        )
+        ceiling = get("unseen:ppd_shots_vs_base", "reward_gain")
+        if ceiling is not None and g is not None and ceiling > 0:
+            check(
+                "unseen (K shots): PPD gain >= 70% of the K-shot ceiling's", g / ceiling, g >= 0.7 * ceiling
+            )
+    w = get("unseen:ppd_vs_dpo")
+    if w is not None:
+        check("unseen (K shots): PPD beats population DPO >= 0.70", w, w >= 0.70)
+    pairs = (probe or {}).get("pairs_unseen", {})
+    default, ceiling = pairs.get("default"), pairs.get("ceiling")
+    if default is not None and ceiling is not None:
+        check(
+            "unseen held-out pair accuracy of the default embedder within 0.03 of the K-shot ceiling's",
+            default - ceiling,
+            default >= ceiling - 0.03,
+        )
     if monotone.num_rows:
         flags = monotone.column("monotone_within_noise").to_pylist()
         check(
@@ -102,7 +125,9 @@ def summarize(
     monotone: pa.Table,
     skipped: dict,
     requests: pa.Table,
+    probe: Mapping | None = None,
 ) -> dict:
+    """The report's figures; ``probe``: the stage-1 diagnostics (:func:`ppd_core.embed.probe_stage.stage1_view`)."""
     judge = cfg.evaluate.primary_judge
     available = set(rates.column("judge").to_pylist()) if rates.num_columns else set()
     if judge not in available and available:
@@ -112,7 +137,8 @@ def summarize(
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "primary_judge": judge,
         "headline": head,
-        "targets": targets(head, monotone),
+        "targets": targets(head, monotone, probe),
+        "stage1": probe or {},
         "judge_agreement": _rows(agreement),
         "monotonicity": _rows(monotone),
         "rewards_skipped": skipped,
@@ -289,8 +315,13 @@ def write_report(
         f"<h1>PPD evaluation report</h1><p>Run root <code>{html.escape(str(cfg.run.root))}</code>, "
         f"{summary['users']} users, {summary['requests']} requests per model (same prompt and seed for every "
         f"model), primary judge <b>{html.escape(judge)}</b>. Created {summary['created_at']}.</p>",
-        html_table(targets_rows, "Targets (DESIGN.md section 9)"),
+        html_table(targets_rows, "Quality targets"),
         html_table([{"comparison": k, **v} for k, v in summary["headline"].items()], "Headline win rates"),
+        html_table(
+            [{"embedder": k, **v} for k, v in summary.get("stage1", {}).get("embedders", {}).items()],
+            "Stage 1: what each embedder keeps of a user (archetype of unseen users, user identification, "
+            "held-out pair accuracy of unseen users from their K shots)",
+        ),
         *[f for f in figures if f],
         html_table(_rows(tables["win_rates"]), "Win rates, all judges"),
         html_table(summary["judge_agreement"], "Judge agreement with held-out user labels"),

@@ -211,7 +211,10 @@ def evaluate_stage(
     )
     pq.write_table(interpolation, out_dir / "interpolation.parquet")
     pq.write_table(monotone, out_dir / "monotonicity.parquet")
-    summary = report.summarize(cfg, rates, agreement, monotone, skipped, requests)
+    from ppd_core.embed.probe_stage import stage1_view
+
+    stage1 = stage1_view(dirs.get("probe"), cfg.embed.default, cfg.train.shots_ceiling_embedder)
+    summary = report.summarize(cfg, rates, agreement, monotone, skipped, requests, stage1)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     tables = {"win_rates": rates, "win_rates_per_user": per_user, "interpolation": interpolation}
     report.write_report(cfg, out_dir, dirs, requests, images, summary, tables)

@@ -21,7 +21,10 @@ SMALL_RUN = [
     "evaluate.interpolation_prompts=2",
     "evaluate.agreement_pairs=16",
     "evaluate.bootstrap=50",
-    "embed.embedders=[{name: vlm-image_diff, kind: vlm, readout: image_diff}, "
+    "encoder.steps=40",
+    "encoder.basis_steps=100",
+    "encoder.validate_every=20",
+    "embed.embedders=[{name: encoder, kind: encoder}, {name: vlm-image_diff, kind: vlm, readout: image_diff}, "
     "{name: true-preference, kind: true_preference}]",
 ]
 

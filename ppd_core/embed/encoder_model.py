@@ -1,0 +1,135 @@
+"""The few-shot preference encoder: K labelled pairs of a user -> a low-dimensional user vector z.
+
+Following the amortized user encoders of VPL and the low-rank user spaces of PAL / LoRe:
+
+- a **reward basis** g: standardised image features (D,) -> (z_dim,), linear; a user with vector z scores
+  an image as ``r(z, x) = z . g(x)``, so a labelled pair is explained by ``z . (g(x_w) - g(x_l))``
+  (Bradley-Terry);
+- a **pair encoder** over (g(preferred), g(dispreferred), their difference) -> (hidden,);
+- a **permutation-invariant set pooling** over the K pairs (mean, or attention with one learned query);
+- a head -> z (z_dim,), or a Gaussian over z (mean, log-variance) when variational; the embedding a
+  shot set gets is the mean.
+
+Shapes: B shot sets, K pairs per set (a mask marks real pairs when sets differ in size), D features.
+The constructor arguments (``config()``) travel with the weights, so a saved encoder rebuilds itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+WEIGHTS_FILE = "encoder.safetensors"
+
+
+class AttentionPool(nn.Module):
+    """Softmax-weighted sum over the set with one learned query: (B, K, H) -> (B, H)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.query = nn.Parameter(torch.zeros(hidden))
+        self.key = nn.Linear(hidden, hidden)
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        scores = self.key(h) @ self.query / math.sqrt(h.shape[-1])  # (B, K)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        return (scores.softmax(-1)[..., None] * h).sum(-2)  # (B, H)
+
+
+def mean_pool(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the real pairs: (B, K, H) -> (B, H)."""
+    w = mask.to(h.dtype)[..., None]  # (B, K, 1)
+    return (h * w).sum(-2) / w.sum(-2).clamp(min=1)
+
+
+class PreferenceEncoder(nn.Module):
+    def __init__(
+        self,
+        feature_dim: int,
+        z_dim: int = 6,
+        hidden: int = 64,
+        pooling: str = "mean",
+        variational: bool = False,
+    ):
+        super().__init__()
+        if pooling not in ("mean", "attention"):
+            raise ValueError(f"pooling must be mean or attention, got {pooling!r}")
+        self.feature_dim, self.z_dim, self.hidden = int(feature_dim), int(z_dim), int(hidden)
+        self.pooling, self.variational = pooling, bool(variational)
+        # feature standardisation, fitted on the training users' images and stored with the weights
+        self.register_buffer("feature_mean", torch.zeros(self.feature_dim))
+        self.register_buffer("feature_std", torch.ones(self.feature_dim))
+        self.basis = nn.Linear(self.feature_dim, self.z_dim, bias=False)  # g; a bias cancels in every pair
+        self.pair = nn.Sequential(
+            nn.Linear(3 * self.z_dim, self.hidden), nn.GELU(), nn.Linear(self.hidden, self.hidden)
+        )
+        self.pool = AttentionPool(self.hidden) if pooling == "attention" else None
+        self.head = nn.Sequential(nn.GELU(), nn.Linear(self.hidden, self.z_dim * (2 if variational else 1)))
+
+    def config(self) -> dict:
+        return {
+            "feature_dim": self.feature_dim,
+            "z_dim": self.z_dim,
+            "hidden": self.hidden,
+            "pooling": self.pooling,
+            "variational": self.variational,
+        }
+
+    def g(self, features: torch.Tensor) -> torch.Tensor:
+        """Reward basis: (..., D) raw features -> (..., z_dim)."""
+        return self.basis((features - self.feature_mean) / self.feature_std)
+
+    def encode(
+        self, preferred: torch.Tensor, dispreferred: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, K, D) features of each shot's two images -> z mean (B, z_dim) and log-variance (or None)."""
+        return self.encode_basis(self.g(preferred), self.g(dispreferred), mask)
+
+    def encode_basis(
+        self, gw: torch.Tensor, gl: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`encode` from the basis outputs g(preferred), g(dispreferred), each (B, K, z_dim)."""
+        if mask is None:
+            mask = torch.ones(gw.shape[:2], dtype=torch.bool, device=gw.device)  # (B, K)
+        h = self.pair(torch.cat([gw, gl, gw - gl], dim=-1))  # (B, K, H)
+        pooled = self.pool(h, mask) if self.pool is not None else mean_pool(h, mask)  # (B, H)
+        out = self.head(pooled)  # (B, Z) or (B, 2Z)
+        if self.variational:
+            mu, logvar = out.chunk(2, dim=-1)
+            return mu, logvar.clamp(-8.0, 8.0)
+        return out, None
+
+    def margin(self, z: torch.Tensor, preferred: torch.Tensor, dispreferred: torch.Tensor) -> torch.Tensor:
+        """Bradley-Terry logit of preferring ``preferred``: z (..., Z) against features (..., D) -> (...)."""
+        return (z * (self.g(preferred) - self.g(dispreferred))).sum(-1)
+
+    def reward(self, z: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """r(z, x) = z . g(x): z (B, Z), features (B, N, D) -> (B, N)."""
+        return (z[:, None, :] * self.g(features)).sum(-1)
+
+    # ------------------------------------------------------------------------------------ saving
+    def save(self, directory: Path, extra: dict | None = None) -> Path:
+        """``encoder.safetensors`` with the constructor arguments (and ``extra``) in its metadata."""
+        path = Path(directory) / WEIGHTS_FILE
+        meta = {"config": json.dumps(self.config()), "extra": json.dumps(extra or {}, sort_keys=True)}
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp), meta)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, directory: Path, device: str | torch.device = "cpu") -> tuple[PreferenceEncoder, dict]:
+        """The encoder saved in ``directory`` and the ``extra`` metadata saved with it."""
+        from safetensors import safe_open
+
+        path = Path(directory) / WEIGHTS_FILE
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        model = cls(**json.loads(meta["config"]))
+        model.load_state_dict(load_file(str(path)))
+        return model.to(device).eval(), json.loads(meta.get("extra", "{}"))

@@ -1,0 +1,185 @@
+"""The few-shot preference encoder: model invariants, training data rules, determinism, resume, shards,
+and that it learns what a user's pairs say (held-out pair accuracy above the population model)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from ppd_core import pipeline
+from ppd_core.config import load_config
+from ppd_core.embed.encoder import EncoderEmbedder
+from ppd_core.embed.encoder_model import WEIGHTS_FILE, PreferenceEncoder
+from ppd_core.embed.encoder_stage import EncoderInputs, draw_batch, encoder_stage, seen_user_pairs
+from ppd_core.embed.extract import read_embeddings, shot_sets_by_id, to_shot_set
+from ppd_core.embed.features import FeatureTable
+
+FAST = [
+    "world.num_users=24",
+    "world.mean_pairs_per_user=30",
+    "encoder.steps=60",
+    "encoder.basis_steps=60",
+    "encoder.validate_every=20",
+    "encoder.checkpoint_every=20",
+    "embed.embedders=[{name: encoder, kind: encoder}, {name: diff, kind: true_attribute_diff}]",
+]
+
+
+def _cfg(root, *extra):
+    return load_config(None, [f"run.root={root}", *FAST, *extra], environ={})
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("pooling", ["mean", "attention"])
+def test_set_pooling_is_permutation_invariant_and_ignores_padding(pooling):
+    torch.manual_seed(0)
+    model = PreferenceEncoder(feature_dim=12, z_dim=3, hidden=8, pooling=pooling).eval()
+    w, lo = torch.randn(2, 4, 12), torch.randn(2, 4, 12)  # (B, K, D)
+    z, _ = model.encode(w, lo)
+    perm = torch.tensor([2, 0, 3, 1])
+    z_perm, _ = model.encode(w[:, perm], lo[:, perm])
+    torch.testing.assert_close(z, z_perm)
+    # a 4-pair set padded to 6 with garbage pairs gives the same z when the mask marks them
+    pad = torch.randn(2, 2, 12) * 100
+    mask = torch.tensor([[True] * 4 + [False] * 2] * 2)
+    z_pad, _ = model.encode(torch.cat([w, pad], 1), torch.cat([lo, pad], 1), mask)
+    torch.testing.assert_close(z, z_pad)
+    assert z.shape == (2, 3)
+
+
+def test_variational_encoder_returns_mean_and_log_variance():
+    model = PreferenceEncoder(feature_dim=6, z_dim=2, hidden=8, variational=True)
+    mu, logvar = model.encode(torch.randn(3, 4, 6), torch.randn(3, 4, 6))
+    assert mu.shape == logvar.shape == (3, 2)
+
+
+def test_saved_encoder_reloads_with_the_same_outputs(tmp_path):
+    torch.manual_seed(1)
+    model = PreferenceEncoder(feature_dim=6, z_dim=2, hidden=8, pooling="attention")
+    model.save(tmp_path, {"note": "x"})
+    again, extra = PreferenceEncoder.load(tmp_path)
+    w, lo = torch.randn(1, 4, 6), torch.randn(1, 4, 6)
+    torch.testing.assert_close(model.encode(w, lo)[0], again.encode(w, lo)[0])
+    assert extra == {"note": "x"} and again.config() == model.config()
+
+
+def test_no_target_pair_is_in_its_own_context():
+    rng = np.random.default_rng(0)
+    offsets = np.cumsum([0, 10, 12])
+    users = [off + np.arange(2 * n).reshape(n, 2) for off, n in zip(offsets, (5, 6, 30))]  # unique rows
+    context, targets = draw_batch(rng, users, count=200, shots=4, targets=8)
+    assert context.shape == (200, 4, 2) and targets.shape == (200, 8, 2)
+    for c, t in zip(context, targets, strict=True):
+        assert len(set(c[:, 0])) == 4  # a context holds 4 distinct pairs
+        assert not set(c[:, 0]) & set(t[:, 0])
+        owner = [u for u in users if c[0, 0] in u[:, 0]][0]
+        assert set(t[:, 0]) <= set(owner[:, 0])  # targets are the same user's pairs
+
+
+def test_training_reads_only_seen_users_outside_evaluation(tmp_path):
+    cfg = _cfg(tmp_path)
+    fewshot = pipeline.run_stages(cfg, ["fewshot"])["fewshot"].directory
+    pairs = seen_user_pairs(fewshot)
+    split = {r["user_id"]: r["split"] for r in pq.read_table(fewshot / "users.parquet").to_pylist()}
+    eval_ids = set(pq.read_table(fewshot / "eval_pairs.parquet").column("pair_id").to_pylist())
+    assert pairs and all(split[u] == "seen" for u in pairs)
+    assert not {pid for p in pairs.values() for pid, _, _ in p} & eval_ids
+
+
+def test_stage_outputs_and_embedding_shards(tmp_path):
+    cfg = _cfg(tmp_path)
+    out = pipeline.run_stages(cfg, ["embed"])
+    enc_dir, embed_dir = out["encoder"].directory, out["embed"].directory
+    for name in (WEIGHTS_FILE, "summary.json", "metrics.jsonl", "validation.jsonl"):
+        assert (enc_dir / name).is_file()
+    assert list((enc_dir / "tensorboard").glob("events.*"))
+    steps = [json.loads(x)["step"] for x in (enc_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 60
+    features = FeatureTable(enc_dir)
+    assert features.dim == 128 * 4 * 4  # tiny VLM width x a 4 x 4 grid
+    assert features.source_identity["kind"] == "vlm" and len(features.source_identity["weights_digest"]) == 64
+    # embedding shards in the standard schema, one z per shot set
+    table, emb = read_embeddings(embed_dir, "encoder")
+    schema = pq.read_schema(sorted((embed_dir / "encoder").glob("shard-*.parquet"))[0])
+    identity = json.loads(schema.metadata[b"embedder_identity"])
+    assert identity["kind"] == "encoder" and identity["weights_digest"] == _sha(enc_dir / WEIGHTS_FILE)
+    assert json.loads(schema.metadata[b"embedding_shape"]) == [cfg.encoder.z_dim]
+    assert (
+        emb.shape == (out["embed"].manifest.counts["shot_sets"], cfg.encoder.z_dim) and np.isfinite(emb).all()
+    )
+    # a shot set without cached features (a new user's images) gets the same z from its pixels
+    embedder = EncoderEmbedder(enc_dir, out["tiny_models"].directory)
+    row = shot_sets_by_id(out["fewshot"].directory, [table.column("shot_set_id")[0].as_py()])[0]
+    cached = to_shot_set(row, out["ingest"].directory)
+    from dataclasses import replace
+
+    fresh = replace(
+        cached, shots=tuple(replace(s, preferred_uid="", dispreferred_uid="") for s in cached.shots)
+    )
+    np.testing.assert_allclose(embedder.embed([fresh]).embeddings[0].numpy(), emb[0], rtol=1e-4, atol=1e-5)
+
+
+def test_same_seed_same_weights_and_another_seed_differs(tmp_path):
+    digests = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        out = pipeline.run_stages(_cfg(tmp_path / name, f"encoder.seed={seed}"), ["encoder"])["encoder"]
+        digests.append(_sha(out.directory / WEIGHTS_FILE))
+    assert digests[0] == digests[1] != digests[2]
+
+
+def test_a_killed_encoder_stage_resumes_to_the_same_weights(tmp_path):
+    cfg = _cfg(tmp_path / "killed")
+    ups = pipeline.run_stages(cfg, ["fewshot", "ingest", "tiny_models"])
+    inputs = EncoderInputs(ups["fewshot"].directory, ups["ingest"].directory, ups["tiny_models"].directory)
+    partial = tmp_path / "partial"
+    partial.mkdir()
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_50(step, total):
+        if step == 50:
+            raise Killed
+
+    with pytest.raises(Killed):
+        encoder_stage(cfg.encoder, cfg.fewshot.shots, inputs, partial, progress=kill_at_50)
+    assert sorted(p.name for p in (partial / "checkpoints").glob("*.pt")) == [
+        "step-00000020.pt",
+        "step-00000040.pt",
+    ]
+    resumed = encoder_stage(cfg.encoder, cfg.fewshot.shots, inputs, partial)
+    assert resumed["resumed_from_step"] == 40 and resumed["features"]["resumed"] > 0
+    steps = [json.loads(x)["step"] for x in (partial / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))  # the killed run's lines after step 40 are not repeated
+    whole = pipeline.run_stages(_cfg(tmp_path / "whole"), ["encoder"])["encoder"].directory
+    assert _sha(partial / WEIGHTS_FILE) == _sha(whole / WEIGHTS_FILE)
+
+
+def test_the_encoder_learns_held_out_pairs_better_than_the_population_model(tmp_path):
+    cfg = load_config(
+        None,
+        [
+            f"run.root={tmp_path}",
+            "world.num_users=64",
+            "world.mean_pairs_per_user=50",
+            "encoder.steps=600",
+            "encoder.basis_steps=600",
+            "probe.epochs=2",
+            "probe.pair_steps=400",
+            "embed.embedders=[{name: encoder, kind: encoder}]",
+        ],
+        environ={},
+    )
+    summary = pipeline.run_stages(cfg, ["probe"])["probe"].manifest.counts["summary"]
+    encoder = summary["encoder"]["pairs_unseen/encoder_head@4"]
+    population = summary["(population)"]["pairs_unseen/bt_population@4"]
+    assert encoder > population + 0.05, (encoder, population)
+    assert encoder > 0.56
