@@ -315,6 +315,11 @@ class EncoderConfig(Section):
     seed: int = Field(0, description="Seed of initialisation, user split, contexts and targets.")
     z_dim: int = Field(6, ge=1, description="Width of the user vector z (and of the reward basis).")
     hidden: int = Field(64, ge=4, description="Width of the pair encoder and set pooling.")
+    pair_encoder: Literal["linear", "mlp"] = Field(
+        "linear",
+        description="Pair encoder over (g(preferred), g(dispreferred), difference): linear (z is then a linear "
+        "read of the pooled pairs, which is what carried over to unseen users best) or a two-layer MLP.",
+    )
     pooling: Literal["mean", "attention"] = Field(
         "mean",
         description="Permutation-invariant pooling over the K pairs: mean, or attention with a learned query.",

@@ -5,10 +5,17 @@ Following the amortized user encoders of VPL and the low-rank user spaces of PAL
 - a **reward basis** g: standardised image features (D,) -> (z_dim,), linear; a user with vector z scores
   an image as ``r(z, x) = z . g(x)``, so a labelled pair is explained by ``z . (g(x_w) - g(x_l))``
   (Bradley-Terry);
-- a **pair encoder** over (g(preferred), g(dispreferred), their difference) -> (hidden,);
+- a **pair encoder** over (g(preferred), g(dispreferred), their difference) -> (hidden,): linear (the
+  default) or a two-layer MLP;
 - a **permutation-invariant set pooling** over the K pairs (mean, or attention with one learned query);
-- a head -> z (z_dim,), or a Gaussian over z (mean, log-variance) when variational; the embedding a
-  shot set gets is the mean.
+- a head -> z (z_dim,) (linear, or GELU + linear after an MLP pair encoder), or a Gaussian over z (mean,
+  log-variance) when variational; the embedding a shot set gets is the mean.
+
+Why linear by default: the diffusion adapter reads z linearly, so what matters is how well a linear read of
+z recovers the user's taste for users never trained on. On the synthetic world (where the truth is known)
+a linear read of the true preference vector from unseen users' z reached cosine 0.52 with the linear pair
+encoder and 0.34-0.48 with MLPs of the same held-out pair accuracy: the MLPs fit the training users'
+contexts in ways that do not carry over.
 
 Shapes: B shot sets, K pairs per set (a mask marks real pairs when sets differ in size), D features.
 The constructor arguments (``config()``) travel with the weights, so a saved encoder rebuilds itself.
@@ -55,21 +62,29 @@ class PreferenceEncoder(nn.Module):
         hidden: int = 64,
         pooling: str = "mean",
         variational: bool = False,
+        pair_encoder: str = "linear",
     ):
         super().__init__()
         if pooling not in ("mean", "attention"):
             raise ValueError(f"pooling must be mean or attention, got {pooling!r}")
+        if pair_encoder not in ("linear", "mlp"):
+            raise ValueError(f"pair_encoder must be linear or mlp, got {pair_encoder!r}")
         self.feature_dim, self.z_dim, self.hidden = int(feature_dim), int(z_dim), int(hidden)
-        self.pooling, self.variational = pooling, bool(variational)
+        self.pooling, self.variational, self.pair_encoder = pooling, bool(variational), pair_encoder
         # feature standardisation, fitted on the training users' images and stored with the weights
         self.register_buffer("feature_mean", torch.zeros(self.feature_dim))
         self.register_buffer("feature_std", torch.ones(self.feature_dim))
         self.basis = nn.Linear(self.feature_dim, self.z_dim, bias=False)  # g; a bias cancels in every pair
-        self.pair = nn.Sequential(
-            nn.Linear(3 * self.z_dim, self.hidden), nn.GELU(), nn.Linear(self.hidden, self.hidden)
-        )
+        out = self.z_dim * (2 if variational else 1)
+        if pair_encoder == "linear":
+            self.pair = nn.Linear(3 * self.z_dim, self.hidden)
+            self.head = nn.Linear(self.hidden, out)
+        else:
+            self.pair = nn.Sequential(
+                nn.Linear(3 * self.z_dim, self.hidden), nn.GELU(), nn.Linear(self.hidden, self.hidden)
+            )
+            self.head = nn.Sequential(nn.GELU(), nn.Linear(self.hidden, out))
         self.pool = AttentionPool(self.hidden) if pooling == "attention" else None
-        self.head = nn.Sequential(nn.GELU(), nn.Linear(self.hidden, self.z_dim * (2 if variational else 1)))
 
     def config(self) -> dict:
         return {
@@ -78,6 +93,7 @@ class PreferenceEncoder(nn.Module):
             "hidden": self.hidden,
             "pooling": self.pooling,
             "variational": self.variational,
+            "pair_encoder": self.pair_encoder,
         }
 
     def g(self, features: torch.Tensor) -> torch.Tensor:

@@ -225,7 +225,9 @@ def train_encoder(
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        model = PreferenceEncoder(table.dim, cfg.z_dim, cfg.hidden, cfg.pooling, cfg.variational).to(device)
+        model = PreferenceEncoder(
+            table.dim, cfg.z_dim, cfg.hidden, cfg.pooling, cfg.variational, cfg.pair_encoder
+        ).to(device)
     train_images = np.unique(np.concatenate(train_pairs).reshape(-1))
     model.feature_mean.copy_(X[train_images].mean(0))
     model.feature_std.copy_(X[train_images].std(0).clamp(min=1e-6))

@@ -1,0 +1,136 @@
+"""Quality benchmark (`make bench`): the whole default pipeline on the embedded world for several world seeds,
+and the figures a new user sees. Writes benchmarks/results/quality.json.
+
+For each world seed (default 0, 1, 2: the result must not be tuned to one world) it runs the default DAG
+(`world.seed=N`, every other value the toy preset's) through the plain-Python driver, then reads the
+evaluation summary and the probe: win rate and reward gain (oracle judge, same prompt and seed, user-bootstrap
+interval) of PPD, the K-shot ceiling (``ppd_shots``), the true-vector ceiling (``ppd_true``) and population DPO
+against the base model, for seen and unseen users; PPD against population DPO; the held-out pair accuracy of
+unseen users from their K shots for every embedder and for the population model; the quality targets met.
+
+    python benchmarks/bench_quality.py                       # seeds 0 1 2, one after another
+    python benchmarks/bench_quality.py --seeds 1 2 --jobs 2  # two worlds at once (one core each is slower)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "quality.json"
+COMPARISONS = ("ppd_vs_base", "ppd_shots_vs_base", "ppd_true_vs_base", "dpo_vs_base", "ppd_vs_dpo")
+FIELDS = ("win_rate", "win_rate_low", "win_rate_high", "reward_gain", "reward_gain_low", "reward_gain_high")
+
+DRIVER = """
+import json, sys
+from ppd_core import pipeline
+from ppd_core.config import load_config
+cfg = load_config(sys.argv[1], sys.argv[2:])
+out = pipeline.run_stages(cfg)
+print(json.dumps({k: str(v.directory) for k, v in out.items()}))
+"""
+
+
+def run_world(seed: int, root: Path, config: str, extra: list[str]) -> dict:
+    """Run the default DAG for one world seed; return its stage directories and wall time."""
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    started = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-c", DRIVER, config, f"run.root={root}", f"world.seed={seed}", *extra],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"world seed {seed} failed:\n{proc.stderr[-4000:]}")
+    dirs = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"dirs": dirs, "wall_s": round(time.time() - started, 1)}
+
+
+def figures(dirs: dict) -> dict:
+    """The new-user figures of one run, from its evaluate and probe summaries."""
+    summary = json.loads((Path(dirs["evaluate"]) / "summary.json").read_text())
+    head = summary["headline"]
+    out: dict = {}
+    for group in ("seen", "unseen"):
+        for comparison in COMPARISONS:
+            row = head.get(f"{group}:{comparison}")
+            if row:
+                out[f"{group}:{comparison}"] = {k: round(float(row[k]), 4) for k in FIELDS}
+    out["targets"] = summary["targets"]
+    out["stage1"] = summary.get("stage1", {})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="world seeds")
+    parser.add_argument("--jobs", type=int, default=1, help="worlds run at once")
+    parser.add_argument(
+        "--root", type=Path, default=REPO / "runs" / "bench_quality", help="run roots' parent"
+    )
+    parser.add_argument("--config", default=str(REPO / "configs" / "toy.yaml"))
+    parser.add_argument("--set", dest="extra", action="append", default=[], help="extra key=value overrides")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    def one(seed: int) -> tuple[int, dict]:
+        run = run_world(seed, args.root / f"world-{seed}", args.config, args.extra)
+        return seed, {"wall_s": run["wall_s"], **figures(run["dirs"])}
+
+    import torch
+
+    result = {
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
+        "config": Path(args.config).name,
+        "overrides": args.extra,
+        "worlds": {},
+    }
+    worlds: dict[int, dict] = {}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for seed, figs in pool.map(one, args.seeds):  # written after every world, so a cut run keeps them
+            worlds[seed] = figs
+            result["worlds"] = {str(s): worlds[s] for s in args.seeds if s in worlds}
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+    for seed in args.seeds:
+        w = worlds[seed]
+        cells = []
+        for key in (
+            "unseen:ppd_vs_base",
+            "unseen:ppd_shots_vs_base",
+            "unseen:ppd_vs_dpo",
+            "seen:ppd_vs_base",
+        ):
+            r = w.get(key)
+            if r:
+                cells.append(
+                    f"{key} {r['win_rate']:.3f} gain {r['reward_gain']:.2f} [{r['reward_gain_low']:.2f}]"
+                )
+        met = sum(1 for t in w["targets"] if t["met"])
+        print(
+            f"world {seed} ({w['wall_s']} s): "
+            + "; ".join(cells)
+            + f"; targets met {met}/{len(w['targets'])}"
+        )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
