@@ -74,7 +74,9 @@ def test_saved_encoder_reloads_with_the_same_outputs(tmp_path):
 def test_no_target_pair_is_in_its_own_context():
     rng = np.random.default_rng(0)
     offsets = np.cumsum([0, 10, 12])
-    users = [off + np.arange(2 * n).reshape(n, 2) for off, n in zip(offsets, (5, 6, 30), strict=True)]  # unique rows
+    users = [
+        off + np.arange(2 * n).reshape(n, 2) for off, n in zip(offsets, (5, 6, 30), strict=True)
+    ]  # unique rows
     context, targets = draw_batch(rng, users, count=200, shots=4, targets=8)
     assert context.shape == (200, 4, 2) and targets.shape == (200, 8, 2)
     for c, t in zip(context, targets, strict=True):
