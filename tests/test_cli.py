@@ -14,6 +14,7 @@ from ppd_core.config import reference_markdown
 REPO = Path(__file__).resolve().parents[1]
 PPD = str(Path(sys.executable).parent / "ppd")
 SMALL = ["--set", "world.num_users=24", "--set", "world.mean_pairs_per_user=30"]
+SMALL += ["--set", "encoder.steps=100", "--set", "encoder.basis_steps=200"]
 
 
 def ppd(*args, check=True, env=None):
@@ -76,7 +77,7 @@ def test_readme_config_table_is_current():
 def test_data_flow_caches_and_recomputes_only_what_changed(tmp_path):
     root = str(tmp_path / "run")
     first = run_json("--root", root, *SMALL, "--stages", "probe")
-    assert list(first) == ["synthesize", "ingest", "tiny_models", "relabel", "fewshot", "embed", "probe"]
+    assert list(first) == ["synthesize", "ingest", "tiny_models", "relabel", "fewshot", "encoder", "embed", "probe"]
     assert not any(s["cached"] for s in first.values())
     for s in first.values():
         assert Path(s["output_dir"], "manifest.json").is_file()
