@@ -34,7 +34,7 @@ STAGE_VERSIONS: dict[str, str] = {
     "tiny_models": "2",
     "relabel": "1",
     "fewshot": "2",
-    "encoder": "1",
+    "encoder": "2",
     "embed": "1",
     "probe": "2",
     "pretrain": "1",

@@ -77,7 +77,16 @@ def test_readme_config_table_is_current():
 def test_data_flow_caches_and_recomputes_only_what_changed(tmp_path):
     root = str(tmp_path / "run")
     first = run_json("--root", root, *SMALL, "--stages", "probe")
-    assert list(first) == ["synthesize", "ingest", "tiny_models", "relabel", "fewshot", "encoder", "embed", "probe"]
+    assert list(first) == [
+        "synthesize",
+        "ingest",
+        "tiny_models",
+        "relabel",
+        "fewshot",
+        "encoder",
+        "embed",
+        "probe",
+    ]
     assert not any(s["cached"] for s in first.values())
     for s in first.values():
         assert Path(s["output_dir"], "manifest.json").is_file()

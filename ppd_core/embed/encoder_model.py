@@ -128,6 +128,24 @@ class PreferenceEncoder(nn.Module):
         """r(z, x) = z . g(x): z (B, Z), features (B, N, D) -> (B, N)."""
         return (z[:, None, :] * self.g(features)).sum(-1)
 
+    @torch.no_grad()
+    def rescale_z(self, scale: torch.Tensor) -> None:
+        """Divide z by ``scale`` (z_dim,) and multiply the basis by it: every margin z . g stays the same.
+
+        The BT loss fixes only the product z . g, and training leaves z small (per-dimension std about 0.1 on
+        the demo world) while the diffusion adapter's projection reads z at its raw scale: a user signal
+        that small barely moves a freshly initialised projection in a short DPO run. Unit-scale z fixes that.
+        """
+        scale = scale.to(self.basis.weight)
+        self.basis.weight.mul_(scale[:, None])  # (Z, D): g_i -> g_i * s_i
+        first = self.pair if isinstance(self.pair, nn.Linear) else self.pair[0]
+        first.weight.div_(scale.repeat(3)[None, :])  # its input (g_w, g_l, g_w - g_l) grew by s: same h
+        last = self.head if isinstance(self.head, nn.Linear) else self.head[-1]
+        last.weight[: self.z_dim].div_(scale[:, None])  # the mean part of the head: z_i -> z_i / s_i
+        last.bias[: self.z_dim].div_(scale)
+        if self.variational:  # the log-variance of z / s is the log-variance of z minus 2 log s
+            last.bias[self.z_dim :].sub_(2.0 * scale.log())
+
     # ------------------------------------------------------------------------------------ saving
     def save(self, directory: Path, extra: dict | None = None) -> Path:
         """``encoder.safetensors`` with the constructor arguments (and ``extra``) in its metadata."""

@@ -345,12 +345,19 @@ def train_encoder(
     writer.close()
 
     model.load_state_dict(best_state)
+    model.eval()
+    with torch.no_grad():  # unit-scale z over training users' contexts (a fixed draw, so resume-safe)
+        context, _ = draw_batch(np.random.default_rng([cfg.seed, 4]), train_pairs, 2048, shots, 1)
+        mu, _ = model.encode_basis(G[context[..., 0]], G[context[..., 1]])  # (2048, Z)
+        z_std = mu.std(0).clamp(min=1e-6)
+    model.rescale_z(z_std)
     extra = {
         "feature_source": table.source_identity,
         "feature_spec": cfg.features.model_dump(mode="json"),
         "shots": shots,
         "best_step": best["step"],
         "val_accuracy": best["accuracy"],
+        "z_std_before_rescale": [round(float(x), 6) for x in z_std],
     }
     model.save(out_dir, extra)
     return {

@@ -185,3 +185,19 @@ def test_the_encoder_learns_held_out_pairs_better_than_the_population_model(tmp_
     population = summary["(population)"]["pairs_unseen/bt_population@4"]
     assert encoder > population + 0.05, (encoder, population)
     assert encoder > 0.56
+
+
+@pytest.mark.parametrize("variational", [False, True])
+def test_rescaling_z_keeps_every_margin(variational):
+    torch.manual_seed(2)
+    model = PreferenceEncoder(feature_dim=6, z_dim=3, hidden=8, variational=variational).eval()
+    w, lo, x1, x2 = (torch.randn(2, 4, 6) for _ in range(4))
+    z, logvar = model.encode(w, lo)
+    before = model.margin(z[:, None], x1, x2)
+    scale = torch.tensor([0.1, 2.0, 5.0])
+    model.rescale_z(scale)
+    z2, logvar2 = model.encode(w, lo)
+    torch.testing.assert_close(z2, z / scale)
+    torch.testing.assert_close(model.margin(z2[:, None], x1, x2), before)
+    if variational:
+        torch.testing.assert_close(logvar2, logvar - 2 * scale.log())
