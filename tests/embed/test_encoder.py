@@ -13,6 +13,7 @@ import torch
 
 from ppd_core import pipeline
 from ppd_core.config import load_config
+from ppd_core.embed.base import weights_digest
 from ppd_core.embed.encoder import EncoderEmbedder
 from ppd_core.embed.encoder_model import WEIGHTS_FILE, PreferenceEncoder
 from ppd_core.embed.encoder_stage import EncoderInputs, draw_batch, encoder_stage, seen_user_pairs
@@ -34,8 +35,13 @@ def _cfg(root, *extra):
     return load_config(None, [f"run.root={root}", *FAST, *extra], environ={})
 
 
-def _sha(path):
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _weights(directory):
+    """The saved encoder's tensors as one digest (the metadata names run-root paths, so bytes differ)."""
+    model, _ = PreferenceEncoder.load(directory)
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode() + tensor.numpy().tobytes())
+    return h.hexdigest()
 
 
 @pytest.mark.parametrize("pooling", ["mean", "attention"])
@@ -112,7 +118,9 @@ def test_stage_outputs_and_embedding_shards(tmp_path):
     table, emb = read_embeddings(embed_dir, "encoder")
     schema = pq.read_schema(sorted((embed_dir / "encoder").glob("shard-*.parquet"))[0])
     identity = json.loads(schema.metadata[b"embedder_identity"])
-    assert identity["kind"] == "encoder" and identity["weights_digest"] == _sha(enc_dir / WEIGHTS_FILE)
+    assert identity["kind"] == "encoder" and identity["weights_digest"] == weights_digest(
+        [enc_dir / WEIGHTS_FILE]
+    )
     assert json.loads(schema.metadata[b"embedding_shape"]) == [cfg.encoder.z_dim]
     assert (
         emb.shape == (out["embed"].manifest.counts["shot_sets"], cfg.encoder.z_dim) and np.isfinite(emb).all()
@@ -133,7 +141,7 @@ def test_same_seed_same_weights_and_another_seed_differs(tmp_path):
     digests = []
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         out = pipeline.run_stages(_cfg(tmp_path / name, f"encoder.seed={seed}"), ["encoder"])["encoder"]
-        digests.append(_sha(out.directory / WEIGHTS_FILE))
+        digests.append(_weights(out.directory))
     assert digests[0] == digests[1] != digests[2]
 
 
@@ -162,7 +170,7 @@ def test_a_killed_encoder_stage_resumes_to_the_same_weights(tmp_path):
     steps = [json.loads(x)["step"] for x in (partial / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps))  # the killed run's lines after step 40 are not repeated
     whole = pipeline.run_stages(_cfg(tmp_path / "whole"), ["encoder"])["encoder"].directory
-    assert _sha(partial / WEIGHTS_FILE) == _sha(whole / WEIGHTS_FILE)
+    assert _weights(partial) == _weights(whole)
 
 
 def test_the_encoder_learns_held_out_pairs_better_than_the_population_model(tmp_path):
