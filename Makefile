@@ -47,6 +47,8 @@ bench: setup
 	$(BIN)/python benchmarks/bench_embed.py
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_pipeline.py
+	# new-user quality on world seeds 0, 1, 2 (the whole pipeline three times: about 50 minutes on 2 cores)
+	$(BIN)/python benchmarks/bench_quality.py
 
 # Prefect dashboard for $(ROOT) on 127.0.0.1:$(PORT) (SQLite under $(ROOT)/.prefect, earlier runs included);
 # while it runs, every ppd command on that root reports to it. Ctrl-C stops it.
