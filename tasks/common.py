@@ -51,6 +51,18 @@ def progress_reporter(description: str, every: float = 0.02):
     return report
 
 
+def counts_artifact(result: dict[str, Any], keys: tuple[str, ...], key: str, description: str) -> None:
+    """A two-column (count, value) table artifact of the named manifest counts of a stage result."""
+    from prefect.artifacts import create_table_artifact
+
+    counts = result["counts"]
+    create_table_artifact(
+        [{"count": k, "value": str(counts.get(k))} for k in keys],
+        key=key,
+        description=f"{description}, {result['directory']}",
+    )
+
+
 def run_stage_body(
     config: PPDConfig,
     stage: str,

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from prefect import task
-from prefect.artifacts import create_table_artifact
 
 from ppd_core.config import PPDConfig
-from tasks.common import TASK_OPTIONS, progress_reporter, run_stage_body
+from tasks.common import TASK_OPTIONS, counts_artifact, progress_reporter, run_stage_body
 
 
 @task(name="encoder", tags=["ppd", "embed"], **TASK_OPTIONS)
@@ -14,11 +13,6 @@ def encoder_task(config: PPDConfig, stage: str, fingerprint: str, upstream_dirs:
     result = run_stage_body(
         config, stage, fingerprint, upstream_dirs, progress=progress_reporter("encoder training steps")
     )
-    c = result["counts"]
     keys = ("train_users", "validation_users", "train_pairs", "best_step", "val_pair_accuracy", "seconds")
-    create_table_artifact(
-        [{"count": k, "value": str(c.get(k))} for k in keys],
-        key="ppd-encoder-summary",
-        description=f"Few-shot preference encoder, {result['directory']}",
-    )
+    counts_artifact(result, keys, "ppd-encoder-summary", "Few-shot preference encoder")
     return result
