@@ -79,8 +79,15 @@ def test_summary_lists_targets_with_values(evaluated):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["primary_judge"] == "oracle"
     names = [t["target"] for t in summary["targets"]]
-    assert "seen: 4-shot PPD beats base >= 0.70" in names
+    assert "seen: PPD beats base >= 0.83" in names
+    assert "unseen (K shots): PPD reward gain >= 0.7 std" in names
+    assert "unseen (K shots): PPD beats population DPO >= 0.70" in names
     assert any("interpolation" in n for n in names)
+    pairs = summary["stage1"][
+        "pairs_unseen"
+    ]  # the probe's held-out pair accuracy, beside the archetype probe
+    assert 0.0 <= pairs["default"] <= 1.0 and 0.0 <= pairs["population"] <= 1.0
+    assert "pairs_unseen" in summary["stage1"]["embedders"]["encoder"]
     assert "seen:ppd_vs_base" in summary["headline"]
 
 
@@ -98,7 +105,7 @@ def test_report_renders_in_headless_chromium(evaluated, tmp_path):
     dom = subprocess.run(
         [browser, *flags, "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120
     ).stdout
-    assert "Targets (DESIGN.md section 9)" in dom and "Headline win rates" in dom
+    assert "Quality targets" in dom and "Headline win rates" in dom and "Stage 1" in dom
     assert dom.count("<img") >= 5  # plots and one grid per model
     shot = tmp_path / "report.png"
     subprocess.run(
