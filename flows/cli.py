@@ -1,4 +1,4 @@
-"""The ``ppd`` command line (DESIGN.md section 8). Thin: parse, resolve the config, call a flow.
+"""The ``ppd`` command line. Thin: parse, resolve the config, call a flow.
 
 Spellings are a contract used by scripts and schedules::
 
