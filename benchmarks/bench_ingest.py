@@ -1,4 +1,4 @@
-"""Ingestion throughput and memory against a bare scan (DESIGN.md section 9).
+"""Ingestion throughput and memory against a bare scan (the design).
 
 For 10k and 100k rows of Pick-a-Pic v2 schema Parquet (small real JPEGs, ~6% ties, 4% unlabeled,
 1% repeated rows, 30 creation dates at both sizes) this measures, in the same run:

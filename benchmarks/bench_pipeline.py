@@ -2,7 +2,7 @@
 run, in one go. Writes benchmarks/results/pipeline.json: wall time and peak memory (RSS of the `ppd`
 process and all its children, sampled every 0.2 s) of each run and of each stage within it.
 
-DESIGN.md section 9: the first run under 10 minutes on 2 CPU cores with peak memory under 6 GiB, and
+the design: the first run under 10 minutes on 2 CPU cores with peak memory under 6 GiB, and
 the cached run under 5% of the first.
 """
 

@@ -1,4 +1,4 @@
-"""One typed config tree for the whole pipeline (DESIGN.md section 3).
+"""One typed config tree for the whole pipeline (the design).
 
 Sources, lowest to highest precedence: field defaults < YAML preset < ``PPD_*`` environment
 variables (``PPD_FEWSHOT__SEED=3``, sections joined by ``__``) < dotted CLI overrides
@@ -169,7 +169,7 @@ class IngestConfig(Section):
 
 
 class FewshotConfig(Section):
-    """Few-shot sets per user, seen/unseen split, held-out evaluation pairs (DESIGN.md section 2)."""
+    """Few-shot sets per user, seen/unseen split, held-out evaluation pairs (the design)."""
 
     seed: int = Field(
         0,
@@ -385,7 +385,7 @@ class ProbeConfig(Section):
 
 
 class BackboneConfig(Section):
-    """The text-to-image model the user adapter is added to (DESIGN.md section 5)."""
+    """The text-to-image model the user adapter is added to (the design)."""
 
     kind: Literal["toy", "sd", "cascade"] = Field(
         "toy",
@@ -663,7 +663,7 @@ class EvaluateConfig(Section):
 
 
 class RelabelConfig(Section):
-    """The `relabel` stage: reward models as users (the multi-reward experiment, DESIGN.md section 7)."""
+    """The `relabel` stage: reward models as users (the multi-reward experiment, the design)."""
 
     rewards: tuple[str, ...] = Field(
         ("brightness", "saturation", "size"),

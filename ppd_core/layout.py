@@ -1,4 +1,4 @@
-"""Where every artifact lives: ``<root>/<stage>/<fingerprint>/`` (DESIGN.md section 2).
+"""Where every artifact lives: ``<root>/<stage>/<fingerprint>/`` (the design).
 
 One component owns the storage layout so no stage invents paths. A stage writes into a hidden
 sibling ``<root>/<stage>/.<fingerprint>.partial/`` and the directory is renamed into place when

@@ -1,6 +1,6 @@
 """Few-shot sampling: per-user shot sets, the seen/unseen split and held-out evaluation pairs.
 
-Owns the ``fewshot`` stage (DESIGN.md section 2; PAPER.md sections 3.2, 5 and 10 #9). From the
+Owns the ``fewshot`` stage (the design; the paper). From the
 ingested ``pairs`` table plus the ``relabel`` stage's (its reward users, same schema) it draws, for
 every user with at least ``min_pairs_per_user`` pairs:
 
@@ -22,7 +22,7 @@ Determinism and incremental stability
   keeps the same users held out, so results across seeds compare the same populations. Raising
   the fraction only moves users from seen to unseen.
 
-Prompt hygiene (PAPER.md section 5: "never evaluate on prompts in the 4 shots"). Captions are
+Prompt hygiene (the paper: "never evaluate on prompts in the 4 shots"). Captions are
 compared after case folding and collapsing whitespace; empty captions never match.
 - Seen users: every pair sharing a caption with a held-out pair is an evaluation pair too, so
   an evaluation prompt is never trained on nor shown in a shot set of the same user.

@@ -6,7 +6,7 @@ it into a sorted list of :class:`SourceFile`, each carrying its filesystem and a
 (ETag, md5, blob id or mtime, whatever the filesystem reports) so :func:`source_identity` can
 feed the ingest fingerprint: a changed file is a different input.
 
-Schema rule (reference/DIFFUSION_DPO.md section 2): the 19 columns of ``PICKAPIC_V2``; ``jpg_0`` /
+Schema rule (the Diffusion-DPO conventions): the 19 columns of ``PICKAPIC_V2``; ``jpg_0`` /
 ``jpg_1`` may be absent (the metadata-only twin), ``__index_level_0__`` may be absent (writers
 without pandas drop it), extra columns are ignored. string/large_string/string_view,
 binary/large_binary/binary_view and any timestamp unit or time zone count as the same type.

@@ -4,7 +4,7 @@ For each reward named in ``relabel.rewards`` (entries of ``evaluate.rewards``), 
 ingested pairs with both images are drawn (seeded per reward name), both images are scored by the
 reward with the pair's caption, and the pair is re-oriented so that the higher-scoring image wins;
 exact ties are dropped and counted. Each reward becomes one user whose pairs follow that reward and
-nothing else, trained on by the same PPD model as the people (DESIGN.md section 7). Only ingested
+nothing else, trained on by the same PPD model as the people (the design). Only ingested
 images are reused, so every downstream reader finds them in the ingest image store by uid.
 
 It works on any source: on the synthetic world the default rewards are single world attributes

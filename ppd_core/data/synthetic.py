@@ -1,4 +1,4 @@
-"""The synthetic preference world (DESIGN.md section 4): users, labelled pairs and real-data quirks,
+"""The synthetic preference world (the design): users, labelled pairs and real-data quirks,
 written in the exact Pick-a-Pic v2 schema, plus the ground truth that judges any image.
 
 Users belong to a few well-separated archetypes (each weights two style attributes by +-1) plus
@@ -7,7 +7,7 @@ and differ clearly (``shift_min``..``shift_max`` std) in one or two attributes; 
 image 0 with probability ``sigmoid(bt_scale * (r0 - r1))`` where ``r = weights . z(pixels)`` is the
 oracle reward measured from the rendered pixels (:mod:`ppd_core.data.world_render`). Quirks
 (ties, unlabeled rows, identical pairs, missing captions, duplicates, bad image bytes, reused
-images) appear at the configured rates. Lessons behind these choices: reference/TOY_WORLD.md.
+images) appear at the configured rates. Lessons behind these choices: the toy-world measurements.
 
 Output of :func:`synthesize`::
 

@@ -3,11 +3,11 @@
 A shot set's embedding is the mean over its K shots of ``normalize(f(preferred)) -
 normalize(f(dispreferred))`` with ``f`` = open_clip ``encode_image`` behind the model's own
 inference transform: the direction in CLIP space that the user's choices point to. On the toy
-world a random tiny open_clip already recovers part of the archetype (reference/TOY_WORLD.md).
+world a random tiny open_clip already recovers part of the archetype (the toy-world measurements).
 
 The tiny default is built by open_clip's own factory from a config dict (no name registration,
 no download), seeded, and saved in the layout open_clip loads with
-``create_model_and_transforms("local-dir:" + dir)`` (reference/CPU_NOTES.md section 5)::
+``create_model_and_transforms("local-dir:" + dir)`` (the CPU measurements)::
 
     dir/open_clip_config.json       {"model_cfg": {...}, "preprocess_cfg": {mean, std, ...}}
     dir/open_clip_model.safetensors

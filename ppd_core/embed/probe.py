@@ -1,4 +1,4 @@
-"""The user-identification probe (PAPER.md section 3.5): how much of a user do frozen embeddings hold?
+"""The user-identification probe (the paper): how much of a user do frozen embeddings hold?
 
 Three readers of the same standardised features, one top-k accuracy:
 

@@ -5,7 +5,7 @@ show (the upper bound of any embedding). A user the world did not draw (a reward
 `relabel` stage, labelled by a reward rather than a preference vector) has no such vector; it gets
 the unit-length attribute difference of its shots, the best the pixels tell. ``TrueAttributeDiffEmbedder`` returns the mean over
 the shots of z(preferred) - z(dispreferred), the measured style attributes of the pixels: all
-that K pairs can reveal (reference/TOY_WORLD.md, "the information limit").
+that K pairs can reveal (the toy-world measurements, "the information limit").
 
 Both identities carry the sha256 of the world's ``world.json``, so vectors of one world are never
 reused for another.

@@ -1,5 +1,5 @@
 """The tiny offline default VLM: a random-weight LLaVA-OneVision built from configs and saved like a
-real checkpoint (reference/CPU_NOTES.md section 1).
+real checkpoint (the CPU measurements).
 
 :func:`build_tiny_vlm` trains a byte-level BPE tokenizer on the prompt texts (plus any corpus, e.g.
 the synthetic world's captions), assembles the LLaVA-OneVision processor around it and a seeded

@@ -1,5 +1,5 @@
 """The paper's Stage 1 embedder: a LLaVA-OneVision-style VLM reads a user's K labelled pairs and its
-hidden states become the user embedding (reference/PAPER.md section 3).
+hidden states become the user embedding (the paper).
 
 This module owns the prompt (:func:`build_prompt_text`, :func:`build_messages`) and
 :class:`VLMEmbedder`, which loads any transformers image-text-to-text checkpoint through
@@ -14,7 +14,7 @@ post-final-norm in HF Qwen2):
 - ``prefill``: one forward pass; the hidden states at the last prompt token (no decoding).
 - ``image_diff``: one forward pass; each image's token run mean-pooled, preferred minus
   dispreferred, averaged over the shots. A random VLM cannot bind "this is the preferred image" to
-  an image, so offline only this read-out carries the preference (reference/TOY_WORLD.md).
+  an image, so offline only this read-out carries the preference (the toy-world measurements).
 
 Batches are left-padded by the processor; position ids follow the attention mask, so a batch gives
 the same embeddings as one set at a time (up to float rounding).
@@ -36,7 +36,7 @@ from ppd_core.errors import ConfigError, InputError
 Readout = Literal["generate", "prefill", "image_diff"]
 
 # ------------------------------------------------------------------------------------------- prompt
-# The paper's prompt (PAPER.md 3.3), paraphrased; its layout is kept: one user turn, K pairs, the
+# The paper's prompt (the paper), paraphrased; its layout is kept: one user turn, K pairs, the
 # preferred image always first within a pair, images inline in the text (the paper's code places the
 # image token inside the prompt string; see build_messages for why we keep it there).
 

@@ -1,10 +1,10 @@
 """Judges: given a user (and that user's shots), which of two images would this user prefer.
 
-This module owns the one :class:`Judge` interface and its three kinds (DESIGN.md section 7):
+This module owns the one :class:`Judge` interface and its three kinds (the design):
 
 - :class:`OracleJudge`: the synthetic world's oracle reward of the user, a against b.
 - :class:`RewardJudge`: a reward model's score (per user when the reward is), a against b.
-- :class:`VLMJudge`: the paper's protocol (reference/PAPER.md section 7): a VLM sees the user's 4
+- :class:`VLMJudge`: the paper's protocol (the paper): a VLM sees the user's 4
   shots, each with its two images in a seeded random order and the position of the preferred one,
   then the query pair, asked in both orders; a is preferred only when both answers agree.
 
@@ -118,7 +118,7 @@ class RewardJudge(Judge):
 
 
 # ------------------------------------------------------------------------------------ VLM prompt
-# The paper's judge prompt (PAPER.md section 7), paraphrased: a system prompt, then one user turn with
+# The paper's judge prompt (the paper), paraphrased: a system prompt, then one user turn with
 # the K shots (images in random order, the preferred one's position as the answer) and the query pair;
 # the assistant turn is pre-filled with the answer line so the next token is the answer.
 
@@ -305,7 +305,7 @@ def answer_tokens(tokenizer) -> tuple[str, int, int]:
 
 class VLMJudge(Judge):
     """The paper's VLM judge: the user's shots in seeded random order, the query asked in both orders,
-    a decision only when both answers agree (PAPER.md section 7). ``answerer`` swaps the model (tests)."""
+    a decision only when both answers agree (the paper). ``answerer`` swaps the model (tests)."""
 
     def __init__(
         self,

@@ -1,7 +1,7 @@
 """The evaluation report: headline figures and targets (summary.json), image grids, plots and one
 self-contained HTML file (images inlined as base64, so the file can be mailed or attached).
 
-Targets are DESIGN.md section 9's quality figures on the synthetic world, judged by the primary judge:
+Targets are the design's quality figures on the synthetic world, judged by the primary judge:
 each is listed with its value and whether it was met, never hidden when it was not.
 """
 

@@ -14,7 +14,7 @@ clip_score         HF ``CLIPModel`` (default openai/clip-vit-large-patch14)    1
 image_reward       ``ImageReward.load`` (only when the package is installed)   its standardised score
 =================  ==========================================================  ============================
 
-Conventions (reference/DIFFUSION_DPO.md section 3): PickScore as its README (logit scale read
+Conventions (the Diffusion-DPO conventions): PickScore as its README (logit scale read
 from the weights, ~21 for real images); HPS x100 as the papers report it (hpsv2's ``score()``
 returns the raw cosine, ~0.27); CLIP score as torchmetrics' ``CLIPScore``. Every CLIP-family
 reward preprocesses with the model's own processor / open_clip transform.

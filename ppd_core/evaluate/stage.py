@@ -2,7 +2,7 @@
 score every image; judges decide model-vs-baseline comparisons; win rates with intervals, judge
 agreement with held-out labels, the interpolation study and the HTML report are written.
 
-Who is evaluated (DESIGN.md section 7): up to ``seen_users`` seen users with held-out prompts (conditioned
+Who is evaluated (the design): up to ``seen_users`` seen users with held-out prompts (conditioned
 on the mean of their shot sets' embeddings, or their first set: ``evaluate.seen_embedding``) and up to ``unseen_users`` unseen users, each given one 4-pair
 shot set. Prompts are each user's held-out captions (never in that user's shots or training pairs).
 The reward users of the `relabel` stage are not people: they appear only in the interpolation study.

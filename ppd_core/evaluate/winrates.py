@@ -5,14 +5,14 @@ per (model, baseline, user, prompt, seed) with the judge's outcome (1 model wins
 -1 inconsistent) and the primary reward of both images.
 
 - The **win rate** is over consistent comparisons (wins / (wins + losses)); the **inconsistency
-  rate** is reported beside it, as the paper's judge accounting asks (PAPER.md section 10, #11).
+  rate** is reported beside it, as the paper's judge accounting asks (the paper, #11).
 - The **reward gain** is the mean over comparisons of ``(reward_model - reward_baseline) /
   reward_std``, i.e. in reward-std units. ``reward_std`` is a per-row column so it can be a global
   std or a per-user one; the evaluate stage should use the std of the user's reward over a fixed
   reference population of images (for the synthetic oracle: the world's images, where it is ~1 since
   the user's weights are unit and the attributes z-scored), never the compared models' own samples.
   A win rate alone misleads: a tiny consistent shift wins almost every paired comparison
-  (reference/TOY_WORLD.md), so the gain always goes beside it.
+  (the toy-world measurements), so the gain always goes beside it.
 - **Intervals** are percentile intervals of a cluster bootstrap that resamples *users* with all their
   comparisons: comparisons of one user share the user's embedding and taste, so they are correlated
   and resampling them one by one would overstate the precision. Both statistics use the same

@@ -1,6 +1,6 @@
 """The user adapter: user embedding -> N user tokens, read by a decoupled cross-attention branch.
 
-PAPER.md section 4.2 (IP-Adapter style, shared query)::
+the paper (IP-Adapter style, shared query)::
 
     Z' = Attn(q, K_text, V_text) + user_scale * gate * Attn(q, K_u, V_u),   K_u = u W'_k,  V_u = u W'_v
 
@@ -396,7 +396,7 @@ def embedding_dropout(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Training-time null-user mask (batch_size,) bool: each user is replaced by the null user with
-    probability ``rate`` (PAPER.md section 4.3; drawn on the generator's device)."""
+    probability ``rate`` (the paper; drawn on the generator's device)."""
     if not 0 <= rate < 1:
         raise ConfigError(f"embedding dropout rate must be in [0, 1), got {rate}")
     device = generator.device if generator is not None else "cpu"

@@ -1,6 +1,6 @@
 """The Stable Cascade backbone: the Stage-C prior behind :class:`Backbone`, and its user branch.
 
-The paper's backbone (PAPER.md section 4.1; DIFFUSION_DPO.md section 5). Stage C is a text-conditional
+The paper's backbone (the paper; the Diffusion-DPO conventions). Stage C is a text-conditional
 ``StableCascadeUNet`` over 16-channel EfficientNet latents, 24x24 for 1024 px (side = ceil(resolution /
 42.67), ``resolution_multiple`` in ``model_index.json``). Stages B/A (the decoder) stay untouched and are
 only used to look at samples. Checkpoint layout, the one ``stabilityai/stable-cascade-prior`` has::
@@ -16,7 +16,7 @@ Contracts:
 
 - **x0** is the Stage-C latent (B, 16, side, side): the Stable Cascade EfficientNet encoder's output as
   ``train/train_c.py`` of Stability-AI/StableCascade computes it (BatchNorm-normalised, no Wuerstchen
-  ``(x+1)/42`` scaling; PAPER.md section 11), from images at 32 * side px (768 for 1024). diffusers does not
+  ``(x+1)/42`` scaling; the paper), from images at 32 * side px (768 for 1024). diffusers does not
   ship that encoder: :mod:`ppd_core.models.effnet` does, and :meth:`~CascadeBackbone.encode_images` loads it
   on first use from ``effnet`` (config ``backbone.effnet``; default: ``effnet_encoder.safetensors`` in a
   local model directory, else the official ``stabilityai/stable-cascade`` file).
@@ -34,7 +34,7 @@ Contracts:
 - **User tokens** live in the prior's conditioning space: ``cross_attention_dim`` is ``conditioning_dim``
   (2048), which differs from the text width (1280) that ``encode_prompt`` returns.
 
-User branch (PAPER.md section 4.2). ``SDCascadeAttnBlock`` attends jointly over [normed image tokens |
+User branch (the paper). ``SDCascadeAttnBlock`` attends jointly over [normed image tokens |
 mapped text tokens] and its forward takes no extra arguments, but its inner diffusers ``Attention`` has a
 processor slot. :func:`install_cascade_user_branch` puts a :class:`CascadeUserProcessor` there: the stock
 processor's output plus ``user_scale * gate * to_out.W @ SDPA(to_q(norm x), K_u, V_u)`` (to_out's matrix
@@ -98,7 +98,7 @@ MODEL_INDEX = "model_index.json"
 PRIOR_SUBFOLDERS = ("prior", "prior_lite")
 RESOLUTION_MULTIPLE = 42.67  # StableCascadePriorPipeline's default: 1024 px -> 24x24 latents
 DEFAULT_RESOLUTION = 1024
-DECODER_STEPS = 10  # Stable Cascade's decoder defaults (PAPER.md section 4.5): 10 steps, no CFG
+DECODER_STEPS = 10  # Stable Cascade's decoder defaults (the paper): 10 steps, no CFG
 TINY_RESOLUTION = 336  # ceil(336 / 42.67) = 8: 8x8 latents for the tiny test checkpoint
 FORMAT_VERSION = 1
 

@@ -1,7 +1,7 @@
 """Stable Cascade's EfficientNet encoder: images -> the Stage-C prior's training latents (x0).
 
 The prior (Stage C) was trained on latents of this encoder, not of a VAE; diffusers does not ship it.
-What follows is Stability-AI/StableCascade as its ``train/train_c.py`` uses it (PAPER.md section 11):
+What follows is Stability-AI/StableCascade as its ``train/train_c.py`` uses it (the paper):
 
 - **Module** (``modules/effnet.py``, ``EfficientNetEncoder``): torchvision ``efficientnet_v2_s().features``
   (1280 channels, stride 32) as ``backbone``, then ``mapper`` = ``Conv2d(1280, 16, 1, bias=False)`` +

@@ -1,7 +1,7 @@
 """The toy backbone's text side: an offline CLIP tokenizer and a tiny random CLIP text encoder.
 
 The tokenizer is the real CLIP BPE (the one Stable Diffusion uses), built from the vocabulary file
-that ships inside open_clip, so nothing is downloaded (reference/CPU_NOTES.md section 5): merge
+that ships inside open_clip, so nothing is downloaded (the CPU measurements): merge
 lines 1..48,894 of ``default_bpe()``; vocabulary = the 256 byte-unicode characters, the same with
 ``</w>``, the joined merges, ``<|startoftext|>`` and ``<|endoftext|>`` (49,408 tokens). Ids match
 open_clip's tokenizer except padding (open_clip pads with 0, transformers with ``<|endoftext|>``).

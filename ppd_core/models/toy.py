@@ -2,7 +2,7 @@
 
 Built from :class:`~ppd_core.config.PretrainConfig`, trained from scratch by the ``pretrain`` stage on
 the synthetic world's 16 px images, and saved in the diffusers/transformers layouts so that loading
-takes the same ``from_pretrained`` path as a real checkpoint (reference/TOY_WORLD.md has the
+takes the same ``from_pretrained`` path as a real checkpoint (the toy-world measurements has the
 measurements behind each choice)::
 
     backbone.json       {"kind": "toy", "resolution": 16, "prediction_type": "v_prediction", ...}
@@ -16,7 +16,7 @@ Choices:
 - **Pixel space**: x0 is the image in [-1, 1], (3, R, R); encode/decode are affine maps.
 - **Attention only at the deepest level** (8x8 at 16 px, 16x16 at 32 px): down blocks are
   ``DownBlock2D`` except the last, ``CrossAttnDownBlock2D``; up blocks mirror them; the mid block
-  always attends. Self-attention at full resolution dominated the step time (CPU_NOTES.md section 2).
+  always attends. Self-attention at full resolution dominated the step time (the CPU measurements).
 - **v-prediction on a cosine schedule** (``squaredcos_cap_v2``), sampled with DDIM on ``trailing``
   timesteps (so the first step starts from pure noise): epsilon-prediction gave grainy images with
   saturated backgrounds at this scale.

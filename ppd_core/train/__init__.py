@@ -1,1 +1,1 @@
-"""Training: the toy backbone's pretraining, and (DESIGN.md section 6) Diffusion-DPO of the user adapter."""
+"""Training: the toy backbone's pretraining, and (the design) Diffusion-DPO of the user adapter."""

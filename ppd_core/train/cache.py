@@ -1,5 +1,5 @@
 """The `cache_latents` stage: every image and caption training and evaluation will touch, encoded
-once by the backbone, so training never re-encodes (DESIGN.md section 2).
+once by the backbone, so training never re-encodes (the design).
 
 Keyed by the backbone's identity and resolution (both are in the stage fingerprint through the
 backbone config and the pretrain manifest). Layout::

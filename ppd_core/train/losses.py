@@ -1,4 +1,4 @@
-"""Diffusion-DPO and SFT losses (Wallace et al., arXiv 2311.12908; reference/DIFFUSION_DPO.md section 1).
+"""Diffusion-DPO and SFT losses (Wallace et al., arXiv 2311.12908; the Diffusion-DPO conventions).
 
 Conventions, named once here:
 - A batch of P pairs is 2P samples ordered ``[w_1..w_P, l_1..l_P]``; each pair shares one noise tensor

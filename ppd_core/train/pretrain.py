@@ -380,7 +380,7 @@ def pretrain(
         )
     if backbone_cfg.prediction_type == "epsilon":
         raise ConfigError(
-            "the toy backbone is v-prediction (epsilon gave grainy images: reference/TOY_WORLD.md)"
+            "the toy backbone is v-prediction (epsilon gave grainy images: the toy-world measurements)"
         )
     start = time.perf_counter()
     out_dir = Path(out_dir)

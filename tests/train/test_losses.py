@@ -1,4 +1,4 @@
-"""Diffusion-DPO invariants (reference/DIFFUSION_DPO.md): ln 2 at equality, sign flip on swap, per-pair mean."""
+"""Diffusion-DPO invariants (the Diffusion-DPO conventions): ln 2 at equality, sign flip on swap, per-pair mean."""
 
 import math
 
