@@ -242,14 +242,15 @@ def train_encoder(
 
     metrics_path, val_path = out_dir / "metrics.jsonl", out_dir / "validation.jsonl"
     found = _checkpoints(out_dir)
+    # the encoder's optimizer never sees the basis (fitted first, then frozen)
+    opt = torch.optim.AdamW(
+        [p for n, p in model.named_parameters() if not n.startswith("basis")],
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+    )
     if found:  # resume: every state that the next step reads comes from the checkpoint
         state = torch.load(found[-1], map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
-        opt = torch.optim.AdamW(
-            [p for n, p in model.named_parameters() if not n.startswith("basis")],
-            lr=cfg.lr,
-            weight_decay=cfg.weight_decay,
-        )
         opt.load_state_dict(state["optimizer"])
         rng = np.random.default_rng()
         rng.bit_generator.state = json.loads(state["numpy_rng"])
@@ -264,12 +265,6 @@ def train_encoder(
             [np.column_stack([np.full(len(p), i), p]) for i, p in enumerate(train_pairs)]
         )  # (P, 3): training-user index, winner row, loser row
         basis_info = fit_basis(model, X, users_of_pairs, cfg)
-        model.basis.weight.requires_grad_(False)
-        opt = torch.optim.AdamW(
-            [p for n, p in model.named_parameters() if not n.startswith("basis")],
-            lr=cfg.lr,
-            weight_decay=cfg.weight_decay,
-        )
         rng = np.random.default_rng([cfg.seed, 3])
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
         start = 0

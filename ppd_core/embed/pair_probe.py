@@ -51,9 +51,10 @@ class PairData:
         evals = [
             r for r in pq.read_table(fewshot_dir / "eval_pairs.parquet").to_pylist() if r["split"] == "unseen"
         ]
-        self.eval_by_user: dict[int, torch.Tensor] = {}
-        for u in sorted({int(r["user_id"]) for r in evals}):
-            self.eval_by_user[u] = torch.as_tensor(self._rows([r for r in evals if int(r["user_id"]) == u]))
+        by_user: dict[int, list[dict]] = {}
+        for r in evals:
+            by_user.setdefault(int(r["user_id"]), []).append(r)
+        self.eval_by_user = {u: torch.as_tensor(self._rows(rows)) for u, rows in sorted(by_user.items())}
 
     def _rows(self, rows: list[dict]) -> np.ndarray:
         return np.stack(
