@@ -28,7 +28,6 @@ from ppd_core import pipeline
 from ppd_core.config import BackboneConfig, load_config
 from ppd_core.data.images import ImageStore
 from ppd_core.manifest import atomic_write_json
-from ppd_core.models.adapter import UserAdapter
 from ppd_core.models.factory import load_backbone
 from ppd_core.train.cache import cache_latents
 from ppd_core.train.losses import diffusion_dpo_loss, per_sample_mse
@@ -55,8 +54,8 @@ def measure(backbone, dirs: dict, cache_dir: Path, steps: int, pairs: int, beta:
     reference_unet = copy.deepcopy(backbone.denoiser).requires_grad_(
         False
     )  # the reference-style second model
-    adapter = UserAdapter.from_unet(backbone.denoiser, data.embedding_shape, num_tokens=4)
-    adapter.install(backbone.denoiser)
+    adapter = backbone.new_adapter(data.embedding_shape, num_tokens=4)
+    backbone.install_adapter(adapter)
     opt = torch.optim.AdamW(adapter.parameters(), lr=1e-3)
     store = ImageStore(Path(dirs["ingest"]) / "images")
     rng = np.random.default_rng(0)

@@ -100,7 +100,6 @@ def main() -> None:
     import deepspeed
 
     from ppd_core.config import load_config
-    from ppd_core.models.adapter import UserAdapter
     from ppd_core.models.factory import load_backbone
     from ppd_core.train.worker import ds_config, pair_losses
 
@@ -145,8 +144,8 @@ def main() -> None:
     emb = torch.randn((p, *embedding_shape), generator=g, device=device)
     # the reference-style loop's second model: a frozen copy of the UNet, taken before the adapter goes in
     reference_unet = copy.deepcopy(backbone.denoiser).requires_grad_(False) if args.compare else None
-    adapter = UserAdapter.from_unet(backbone.denoiser, embedding_shape, num_tokens=4, rows="last")
-    adapter.install(backbone.denoiser)
+    adapter = backbone.new_adapter(embedding_shape, num_tokens=4, rows="last")
+    backbone.install_adapter(adapter)
     engine, _, _, _ = deepspeed.initialize(
         model=adapter, model_parameters=list(adapter.parameters()), config=ds_config(cfg, p)
     )

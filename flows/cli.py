@@ -71,7 +71,10 @@ def _resolve(config: Path | None, sets: list[str] | None, extra: list[str] = ())
 
 
 def _fail(e: Exception, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {e}", highlight=False)
+    """Say a user-facing error in one message: the text as is (no rich markup, so ``[us]`` or a path with
+    ``[/x]`` survives) and unwrapped, then exit ``code``."""
+    err.print("error:", style="bold red", end=" ")
+    err.print(str(e), markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -46,7 +46,9 @@ STAGE_TASKS = {
 }
 
 
-@flow(name="ppd-data", retries=1, retry_delay_seconds=5, validate_parameters=True)
+# no flow-level retries: each stage task retries its own transient failures, and a rerun of the flow
+# resumes from the stages that completed (every stage is cached)
+@flow(name="ppd-data", validate_parameters=True)
 def data_flow(config: PPDConfig, stages: list[str] | None = None) -> list[dict[str, Any]]:
     """Run the requested data stages (and whatever upstream they need) for one config."""
     logger = get_run_logger()
@@ -62,6 +64,10 @@ def data_flow(config: PPDConfig, stages: list[str] | None = None) -> list[dict[s
         state = STAGE_TASKS[stage].with_options(refresh_cache=not fresh)(
             config, stage, p.fingerprint, upstream_dirs, return_state=True
         )
+        if not state.is_completed():
+            # the flow ends in the stage's own failed state: its error reaches the caller once, without
+            # the traceback Prefect logs for an exception raised in the flow body
+            return state
         result = state.result()
         cached = state.name == "Cached" or bool(result.get("reused"))
         seconds = round(time.perf_counter() - t0, 3)

@@ -406,6 +406,12 @@ class BackboneConfig(Section):
         "safetensors file or 'hub_repo/path/in/repo'. None: effnet_encoder.safetensors in a local model "
         "directory, else stabilityai/stable-cascade/effnet_encoder.safetensors. Unused by toy and sd.",
     )
+    decoder: str | None = Field(
+        None,
+        description="cascade: Stages B/A that turn Stage-C latents into images (evaluate, ppd generate), a hub "
+        "id or local directory in the stabilityai/stable-cascade layout. None: decoder_pipeline/ inside a "
+        "local model directory, else stabilityai/stable-cascade for a hub prior. Unused by toy and sd.",
+    )
 
 
 class PretrainConfig(Section):

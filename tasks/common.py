@@ -4,6 +4,10 @@ Prefect's default cache policy includes the flow-run id and never hits across ru
 task on the stage fingerprint (config section + upstream manifest digests + code version), the same
 name as its output directory, so Prefect and ppd_core agree on what is cached. The flow passes
 ``refresh_cache=True`` when that directory is missing or fails :func:`ppd_core.manifest.verify`.
+
+Retries are for transient failures only: :func:`retry_if_transient` refuses to retry a
+:class:`~ppd_core.errors.PPDError` (bad input, a config the model refuses, a failed training worker),
+which would fail the same way again.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from prefect.cache_policies import CachePolicy
 
 from ppd_core import pipeline
 from ppd_core.config import PPDConfig
-from ppd_core.errors import StageError
+from ppd_core.errors import PPDError, StageError
 from ppd_core.manifest import load_manifest
 
 
@@ -32,8 +36,26 @@ class StageFingerprint(CachePolicy):
 
 
 STAGE_CACHE = StageFingerprint()
+
+
+def retry_if_transient(task, task_run, state) -> bool:
+    """Prefect ``retry_condition_fn``: retry unless the failure is one of ours (a deterministic error)."""
+    try:
+        state.result()
+    except PPDError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
 TASK_OPTIONS: dict[str, Any] = dict(
-    cache_policy=STAGE_CACHE, persist_result=True, result_serializer="json", retries=1, retry_delay_seconds=2
+    cache_policy=STAGE_CACHE,
+    persist_result=True,
+    result_serializer="json",
+    retries=1,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_if_transient,
 )
 
 

@@ -11,10 +11,16 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
 
 from ppd_core.config import PPDConfig
-from tasks.common import TASK_OPTIONS, progress_reporter, run_stage_body
+from tasks.common import TASK_OPTIONS, progress_reporter, retry_if_transient, run_stage_body
 
 
-@task(name="embed-shard", tags=["ppd", "embed"], cache_policy=NO_CACHE, retries=1)
+@task(
+    name="embed-shard",
+    tags=["ppd", "embed"],
+    cache_policy=NO_CACHE,
+    retries=1,
+    retry_condition_fn=retry_if_transient,
+)
 def embed_shard_task(work, shard):
     """One shard of one embedder (returns at once when it is already complete in the partial directory)."""
     return work(shard)

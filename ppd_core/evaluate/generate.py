@@ -97,7 +97,7 @@ class ModelSet:
             stage = TRAIN_STAGE[model]
             if stage not in dirs:
                 raise StageError(f"model {model!r} needs the {stage} stage's output")
-            adapters[model] = load_adapter(Path(dirs[stage]) / "export", backbone.denoiser).eval()
+            adapters[model] = load_adapter(Path(dirs[stage]) / "export", backbone).eval()
         return cls(backbone, adapters)
 
     @property
@@ -142,7 +142,7 @@ class ModelSet:
                     f"model {model!r} takes embeddings of shape {shape}, got {tuple(emb.shape)} for {len(prompts)} prompts"
                 )
         device = next(self.backbone.denoiser.parameters()).device
-        adapter.install(self.backbone.denoiser)
+        self.backbone.install_adapter(adapter)
         try:
             tokens = adapter.tokens(emb.to(device))  # (N, T_u, D)
             images = sample(
@@ -157,7 +157,7 @@ class ModelSet:
                 batch_size=s.batch_size,
             )
         finally:
-            UserAdapter.uninstall(self.backbone.denoiser)
+            self.backbone.uninstall_adapter()
         return to_uint8(images)
 
 

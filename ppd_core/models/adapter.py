@@ -242,7 +242,7 @@ def cross_attention_layers(unet) -> dict[str, int]:
             width = widths[int(name.split(".")[1])]
         else:
             raise ConfigError(f"cannot place a user branch on attention layer {name!r}")
-        to_k = unet.get_submodule(name.removesuffix(_PROCESSOR_SUFFIX)).to_k
+        to_k = layer_module(unet, name).to_k
         if to_k.out_features != width:
             raise ConfigError(
                 f"{name}: to_k has width {to_k.out_features}, the block is {width} wide; not a standard "
@@ -254,6 +254,11 @@ def cross_attention_layers(unet) -> dict[str, int]:
     return layers
 
 
+def layer_module(unet, processor_name: str) -> nn.Module:
+    """The ``Attention`` module a processor name belongs to."""
+    return unet.get_submodule(processor_name.removesuffix(_PROCESSOR_SUFFIX))
+
+
 def branch_key(processor_name: str) -> str:
     """The ``branches`` key of a layer; ModuleDict keys cannot contain dots, so
     'up_blocks.0.attentions.1.transformer_blocks.0.attn2.processor' -> 'up_blocks-0-attentions-1-...-attn2'."""
@@ -263,9 +268,10 @@ def branch_key(processor_name: str) -> str:
 class UserAdapter(nn.Module):
     """The trainable part: the projection and one :class:`UserBranch` per cross-attention layer.
 
-    Build it with :meth:`from_unet` (copies each layer's to_k/to_v), then :meth:`install` it on the UNet.
-    ``layers`` maps processor names to block widths in the UNet's processor order (the order export numbers
-    layers in).
+    Build a fresh one with ``Backbone.new_adapter`` (it knows the layers and what each branch starts from)
+    and put it on the denoiser with ``Backbone.install_adapter``. ``layers`` maps layer names to block widths
+    in the denoiser's order (the order export numbers layers in). :meth:`install` / :meth:`uninstall` are the
+    ``UNet2DConditionModel`` wiring those backbone methods use by default.
     """
 
     def __init__(
@@ -283,31 +289,6 @@ class UserAdapter(nn.Module):
         self.branches = nn.ModuleDict(
             {branch_key(name): UserBranch(cross_attention_dim, width) for name, width in layers.items()}
         )
-
-    @classmethod
-    def from_unet(
-        cls,
-        unet,
-        embedding_shape: Sequence[int],
-        *,
-        num_tokens: int = 4,
-        rows: Rows = "all",
-        seed: int = 0,
-        layers: Mapping[str, int] | None = None,
-    ) -> UserAdapter:
-        """A fresh adapter for ``unet`` (float32 master weights on the UNet's device): seeded projection,
-        to_k_u/to_v_u copied from each layer's to_k/to_v, gates 0. ``layers`` overrides the layer choice."""
-        layers = cross_attention_layers(unet) if layers is None else dict(layers)
-        cross_dim = unet.get_submodule(next(iter(layers)).removesuffix(_PROCESSOR_SUFFIX)).to_k.in_features
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            adapter = cls(embedding_shape, cross_dim, layers, num_tokens=num_tokens, rows=rows)
-        with torch.no_grad():
-            for name in adapter.layer_names:
-                attn = unet.get_submodule(name.removesuffix(_PROCESSOR_SUFFIX))
-                adapter.branch(name).to_k_u.weight.copy_(attn.to_k.weight)
-                adapter.branch(name).to_v_u.weight.copy_(attn.to_v.weight)
-        return adapter.to(device=next(unet.parameters()).device)
 
     # ------------------------------------------------------------------------------------------ metadata
 
@@ -352,7 +333,7 @@ class UserAdapter(nn.Module):
         processors = {}
         for name in names:
             if name in self.layer_names:
-                attn = unet.get_submodule(name.removesuffix(_PROCESSOR_SUFFIX))
+                attn = layer_module(unet, name)
                 branch = self.branch(name)
                 if (attn.to_k.in_features, attn.to_k.out_features) != (
                     branch.to_k_u.in_features,

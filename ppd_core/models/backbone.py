@@ -5,14 +5,24 @@ Training, caching and sampling code only talk to :class:`Backbone`; the toy pixe
 Stable Diffusion family and the Stable Cascade prior each implement it. ``x0`` below is what the
 denoiser works on: pixels in [-1, 1] for the toy backbone, scaled VAE latents for SD, Stage-C
 latents for Cascade.
+
+The user adapter has one mechanism for every backbone: the backbone says which of its layers get a user
+branch (:meth:`Backbone.adapter_layers`) and what a fresh branch starts from
+(:meth:`Backbone.adapter_initial_weights`), builds the adapter (:meth:`Backbone.new_adapter`) and puts it
+on or takes it off its denoiser (:meth:`Backbone.install_adapter` / :meth:`Backbone.uninstall_adapter`).
+Training, export, evaluation and ``ppd generate`` call only these. The defaults fit a diffusers
+``UNet2DConditionModel`` (toy and SD); the Stable Cascade prior overrides them.
 """
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
+
+from ppd_core.models.adapter import UserAdapter, cross_attention_layers, layer_module
 
 
 class Backbone(abc.ABC):
@@ -80,3 +90,48 @@ class Backbone(abc.ABC):
     @abc.abstractmethod
     def identity(self) -> dict:
         """JSON-able identity (kind, model id, weights digest, resolution): keys latent caches and exports."""
+
+    # ------------------------------------------------------------------------------------------ adapter
+
+    def adapter_layers(self) -> dict[str, int]:
+        """Layer name -> block width of every layer that gets a user branch, in export order. Default: the
+        ``attn2`` layers of a ``UNet2DConditionModel`` (processor names, the order diffusers numbers
+        IP-Adapter keys in)."""
+        return cross_attention_layers(self.denoiser)
+
+    def adapter_initial_weights(self, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a fresh branch's ``to_k_u`` / ``to_v_u`` start from (cross_attention_dim -> width matrices).
+        Default: the layer's own ``to_k`` / ``to_v`` (IP-Adapter practice)."""
+        attn = layer_module(self.denoiser, layer)
+        return attn.to_k.weight, attn.to_v.weight
+
+    def new_adapter(
+        self,
+        embedding_shape: Sequence[int],
+        *,
+        num_tokens: int = 4,
+        rows: str = "all",
+        seed: int = 0,
+    ) -> UserAdapter:
+        """A fresh adapter for this backbone (float32 master weights on the denoiser's device): seeded
+        projection, branches from :meth:`adapter_initial_weights`, gates 0, so it is exactly the base model."""
+        layers = self.adapter_layers()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            adapter = UserAdapter(
+                embedding_shape, self.cross_attention_dim, layers, num_tokens=num_tokens, rows=rows
+            )
+        with torch.no_grad():
+            for name in adapter.layer_names:
+                to_k, to_v = self.adapter_initial_weights(name)
+                adapter.branch(name).to_k_u.weight.copy_(to_k)
+                adapter.branch(name).to_v_u.weight.copy_(to_v)
+        return adapter.to(device=next(self.denoiser.parameters()).device)
+
+    def install_adapter(self, adapter: UserAdapter) -> None:
+        """Route ``denoise``'s user tokens through ``adapter``'s branches (replaces an installed adapter)."""
+        adapter.install(self.denoiser)
+
+    def uninstall_adapter(self) -> None:
+        """Back to the base denoiser's own attention processors."""
+        UserAdapter.uninstall(self.denoiser)

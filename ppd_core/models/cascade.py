@@ -36,14 +36,15 @@ Contracts:
 
 User branch (the paper). ``SDCascadeAttnBlock`` attends jointly over [normed image tokens |
 mapped text tokens] and its forward takes no extra arguments, but its inner diffusers ``Attention`` has a
-processor slot. :func:`install_cascade_user_branch` puts a :class:`CascadeUserProcessor` there: the stock
+processor slot. ``install_adapter`` (:func:`install_cascade_user_branch`) puts a :class:`CascadeUserProcessor` there: the stock
 processor's output plus ``user_scale * gate * to_out.W @ SDPA(to_q(norm x), K_u, V_u)`` (to_out's matrix
 without its bias, so the sum equals IP-Adapter's "add before to_out"), with ``K_u = to_k_u(SiLU(u))``,
 ``V_u = to_v_u(SiLU(u))``. User tokens reach the processors as module state set by
-:func:`cascade_user_tokens` (``denoise`` opens it around the prior call). The branch weights
-(:class:`CascadeUserBranch`: ``to_k_u``, ``to_v_u``, ``gate``, the names of the UNet adapter's
-``UserBranch``) live only in the returned ``nn.ModuleDict``; processors are plain objects, so the prior's
-``state_dict``/``parameters`` never see them. Tokens None, a scale of 0 or gates at 0 give the base model
+:func:`cascade_user_tokens` (``denoise`` opens it around the prior call). The adapter is the same
+``UserAdapter`` every backbone uses (``Backbone.new_adapter``), one ``UserBranch`` per attention block keyed
+by the block's module name, so training, export and generation treat Cascade like any backbone. Its
+weights live only in the adapter; processors are plain objects, so the prior's ``state_dict``/``parameters``
+never see them. Tokens None, a scale of 0 or gates at 0 give the base model
 exactly, and so does an all-zero user token (SiLU(0) = 0 and bias-free projections give zero values).
 Wrapping the block itself would not work: the UNet dispatches on ``isinstance(block, SDCascadeAttnBlock)``
 and calls anything else without the text conditioning. Gradient checkpointing on the prior is refused while
@@ -78,7 +79,7 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokeni
 
 from ppd_core.config import BackboneConfig
 from ppd_core.errors import ConfigError, InputError, PPDError, StageError
-from ppd_core.models.adapter import UserBranch
+from ppd_core.models.adapter import UserAdapter, UserBranch
 from ppd_core.models.backbone import Backbone
 from ppd_core.models.effnet import (
     DOWNSCALE,
@@ -101,6 +102,18 @@ DEFAULT_RESOLUTION = 1024
 DECODER_STEPS = 10  # Stable Cascade's decoder defaults (the paper): 10 steps, no CFG
 TINY_RESOLUTION = 336  # ceil(336 / 42.67) = 8: 8x8 latents for the tiny test checkpoint
 FORMAT_VERSION = 1
+DECODER_SUBDIR = "decoder_pipeline"  # Stages B/A shipped inside a local prior directory (the tiny checkpoint)
+DECODER_HUB = "stabilityai/stable-cascade"
+
+
+def default_decoder(model: str | Path) -> str | None:
+    """Where Stages B/A come from when the config names none: ``decoder_pipeline/`` inside a local model
+    directory when there is one, else the official decoder for a hub prior; None for a local prior without one
+    (decoding then asks for ``backbone.decoder``)."""
+    local = Path(model)
+    if (local / DECODER_SUBDIR / MODEL_INDEX).is_file():
+        return str(local / DECODER_SUBDIR)
+    return None if local.exists() else DECODER_HUB
 
 
 class CascadeUnsupportedError(PPDError, NotImplementedError):
@@ -110,57 +123,54 @@ class CascadeUnsupportedError(PPDError, NotImplementedError):
 # ------------------------------------------------------------------------------------------ user branch
 
 
-class CascadeUserBranch(UserBranch):
-    """One Stage-C attention block's user keys/values and gate (the UNet adapter's ``UserBranch`` names).
+def cascade_branch_output(
+    branch: UserBranch,
+    attn,
+    hidden_states: torch.Tensor,
+    user_tokens: torch.Tensor,
+    user_scale: float | torch.Tensor,
+) -> torch.Tensor:
+    """The term one Stage-C attention block adds to its stock attention output for the user tokens.
 
-    ``to_k_u`` / ``to_v_u``: (conditioning_dim -> block width), bias-free, read ``SiLU(user_tokens)``;
-    ``gate``: scalar, 0 at creation.
+    ``branch`` is the adapter's ``UserBranch`` of that block (``to_k_u`` / ``to_v_u``: conditioning_dim ->
+    block width, bias-free, reading ``SiLU(user_tokens)``; ``gate``); ``hidden_states`` is what the block's
+    attention gets as its query input: the normed image tokens (B, C, H, W).
     """
-
-    def forward(
-        self,
-        attn,
-        hidden_states: torch.Tensor,
-        user_tokens: torch.Tensor,
-        user_scale: float | torch.Tensor,
-    ) -> torch.Tensor:
-        """The term added to the stock attention output; ``hidden_states`` is what the block's attention
-        gets as its query input: the normed image tokens (B, C, H, W)."""
-        spatial = hidden_states.ndim == 4
-        if spatial:
-            batch, channels, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)  # (B, L, C)
-        batch = hidden_states.shape[0]
-        if user_tokens.shape[0] != batch:
-            raise InputError(f"user_tokens has batch {user_tokens.shape[0]}, the latents have {batch}")
-        query = attn.to_q(hidden_states)  # (B, L, inner): the block's own query
-        inner, heads = query.shape[-1], attn.heads
-        # the block's kv_mapper starts with the same SiLU; fp32 branch weights may sit over a bf16 prior
-        u = F.silu(user_tokens.to(self.to_k_u.weight.dtype))  # (B, N, D)
-        key = self.to_k_u(u).to(query.dtype)  # (B, N, inner)
-        value = self.to_v_u(u).to(query.dtype)
-        query, key, value = (
-            x.view(batch, -1, heads, inner // heads).transpose(1, 2) for x in (query, key, value)
-        )
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        # (B, h, L, d)
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).reshape(batch, -1, inner)  # (B, L, inner)
-        out = F.linear(out, attn.to_out[0].weight)  # no bias: the stock output already carries it
-        out = self.factor(user_scale, out) * out / attn.rescale_output_factor
-        if spatial:
-            out = out.transpose(1, 2).reshape(batch, channels, height, width)
-        return out
+    spatial = hidden_states.ndim == 4
+    if spatial:
+        batch, channels, height, width = hidden_states.shape
+        hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)  # (B, L, C)
+    batch = hidden_states.shape[0]
+    if user_tokens.shape[0] != batch:
+        raise InputError(f"user_tokens has batch {user_tokens.shape[0]}, the latents have {batch}")
+    query = attn.to_q(hidden_states)  # (B, L, inner): the block's own query
+    inner, heads = query.shape[-1], attn.heads
+    # the block's kv_mapper starts with the same SiLU; fp32 branch weights may sit over a bf16 prior
+    u = F.silu(user_tokens.to(branch.to_k_u.weight.dtype))  # (B, N, D)
+    key = branch.to_k_u(u).to(query.dtype)  # (B, N, inner)
+    value = branch.to_v_u(u).to(query.dtype)
+    query, key, value = (
+        x.view(batch, -1, heads, inner // heads).transpose(1, 2) for x in (query, key, value)
+    )
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    # (B, h, L, d)
+    out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+    out = out.transpose(1, 2).reshape(batch, -1, inner)  # (B, L, inner)
+    out = F.linear(out, attn.to_out[0].weight)  # no bias: the stock output already carries it
+    out = branch.factor(user_scale, out) * out / attn.rescale_output_factor
+    if spatial:
+        out = out.transpose(1, 2).reshape(batch, channels, height, width)
+    return out
 
 
 class CascadeUserProcessor:
     """Attention processor of one ``SDCascadeAttnBlock``: the stock processor, plus the user branch while
     :func:`cascade_user_tokens` has set tokens. A plain object, so the prior's state_dict stays the base one."""
 
-    def __init__(self, base, branch: CascadeUserBranch):
+    def __init__(self, base, branch: UserBranch):
         self.base = base  # the processor it replaced (AttnProcessor2_0): restored by uninstall
         self.branch = branch
         self.user_tokens: torch.Tensor | None = None
@@ -178,17 +188,31 @@ class CascadeUserProcessor:
         scale = self.user_scale
         if self.user_tokens is None or (not torch.is_tensor(scale) and scale == 0):
             return out
-        return out + self.branch(attn, hidden_states, self.user_tokens, scale).to(out.dtype)
+        return out + cascade_branch_output(self.branch, attn, hidden_states, self.user_tokens, scale).to(
+            out.dtype
+        )
 
 
 def cascade_attention_blocks(unet: StableCascadeUNet) -> dict[str, SDCascadeAttnBlock]:
     """Module name -> attention block, in module order (down_blocks then up_blocks)."""
-    return {name: m for name, m in unet.named_modules() if isinstance(m, SDCascadeAttnBlock)}
+    blocks = {name: m for name, m in unet.named_modules() if isinstance(m, SDCascadeAttnBlock)}
+    if not blocks:
+        raise ConfigError(
+            "the denoiser has no SDCascadeAttnBlock to carry user tokens (not a StableCascadeUNet?)"
+        )
+    return blocks
 
 
-def branch_key(block_name: str) -> str:
-    """ModuleDict keys cannot contain dots: 'down_blocks.1.2' -> 'down_blocks-1-2' (the adapter's rule)."""
-    return block_name.replace(".", "-")
+def cascade_initial_weights(block: SDCascadeAttnBlock) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fresh branch's ``to_k_u`` / ``to_v_u``: ``to_k.W @ kv_mapper.W`` (same for v), float32: the block's
+    own key/value map of a conditioning token without its biases. For keys a constant bias shifts every logit
+    of a query equally, so K_u matches the block's keys exactly up to softmax; dropping the value bias keeps
+    an all-zero token a no-op."""
+    mapper, attn = block.kv_mapper[1], block.attention
+    return (
+        attn.to_k.weight.float() @ mapper.weight.float(),
+        attn.to_v.weight.float() @ mapper.weight.float(),
+    )
 
 
 def _user_processors(unet: StableCascadeUNet) -> list[CascadeUserProcessor]:
@@ -196,52 +220,26 @@ def _user_processors(unet: StableCascadeUNet) -> list[CascadeUserProcessor]:
     return [p for p in procs if isinstance(p, CascadeUserProcessor)]
 
 
-def install_cascade_user_branch(
-    unet: StableCascadeUNet,
-    cross_dim: int,
-    branches: nn.ModuleDict | None = None,
-) -> nn.ModuleDict:
-    """Put a :class:`CascadeUserProcessor` on every Stage-C attention block and return the branches
-    (keys :func:`branch_key` of the block names; parameters ``<key>.to_k_u.weight``, ``.to_v_u.weight``,
-    ``.gate``). Installing again replaces the previous branches.
-
-    ``cross_dim`` is the user-token width and must be the prior's ``conditioning_dim``. Fresh branches are
-    float32 on the prior's device with ``to_k_u = to_k.W @ kv_mapper.W`` (same for v) and gate 0: the
-    block's own key/value map of a conditioning token without its biases. For keys a constant bias shifts
-    every logit of a query equally, so K_u matches the block's keys exactly up to softmax; dropping the value
-    bias keeps an all-zero token a no-op. Pass ``branches`` (e.g. after ``load_state_dict``) to install
-    existing ones instead.
-    """
+def install_cascade_user_branch(unet: StableCascadeUNet, adapter: UserAdapter) -> None:
+    """Put a :class:`CascadeUserProcessor` carrying ``adapter``'s branch on every Stage-C attention block
+    (installing again replaces the previous adapter). The adapter must have been built for this prior:
+    one branch per block (layer names = block module names) and user tokens as wide as the prior's
+    ``conditioning_dim``, what the blocks' kv_mapper reads."""
     blocks = cascade_attention_blocks(unet)
-    if not blocks:
+    cond_dim = next(iter(blocks.values())).kv_mapper[1].in_features
+    if adapter.cross_attention_dim != cond_dim:
         raise ConfigError(
-            "the denoiser has no SDCascadeAttnBlock to carry user tokens (not a StableCascadeUNet?)"
+            f"user tokens are {adapter.cross_attention_dim} wide; Stage-C attention reads {cond_dim}-wide "
+            "conditioning tokens (the prior's conditioning_dim)"
         )
-    fresh = branches is None
-    if fresh:
-        device = next(unet.parameters()).device
-        branches = nn.ModuleDict()
-        for name, block in blocks.items():
-            mapper, attn = block.kv_mapper[1], block.attention
-            if mapper.in_features != cross_dim:
-                raise ConfigError(
-                    f"user tokens are {cross_dim} wide; Stage-C attention reads {mapper.in_features}-wide "
-                    "conditioning tokens (the prior's conditioning_dim)"
-                )
-            branch = CascadeUserBranch(cross_dim, attn.to_k.out_features).to(device)
-            with torch.no_grad():
-                branch.to_k_u.weight.copy_(attn.to_k.weight.float() @ mapper.weight.float())
-                branch.to_v_u.weight.copy_(attn.to_v.weight.float() @ mapper.weight.float())
-            branches[branch_key(name)] = branch
-    if sorted(branches.keys()) != sorted(branch_key(n) for n in blocks):
-        raise ConfigError("the user branches were built for a prior with other attention blocks")
+    if sorted(adapter.layer_names) != sorted(blocks):
+        raise ConfigError("the user adapter was built for a prior with other attention blocks")
     for name, block in blocks.items():
-        attn, branch = block.attention, branches[branch_key(name)]
-        if (branch.to_k_u.in_features, branch.to_k_u.out_features) != (cross_dim, attn.to_k.out_features):
+        attn, branch = block.attention, adapter.branch(name)
+        if branch.to_k_u.out_features != attn.to_k.out_features:
             raise ConfigError(f"{name}: the user branch does not match the block's width")
         base = attn.processor.base if isinstance(attn.processor, CascadeUserProcessor) else attn.processor
         attn.set_processor(CascadeUserProcessor(base, branch))
-    return branches
 
 
 def uninstall_cascade_user_branch(unet: StableCascadeUNet) -> None:
@@ -267,8 +265,8 @@ def cascade_user_tokens(
     if user_tokens is not None:
         if not procs:
             raise RuntimeError(
-                "denoise got user_tokens, but no user branch is installed on the Stable Cascade prior "
-                "(call install_cascade_user_branch first)"
+                "denoise got user_tokens, but no user adapter is installed on the Stable Cascade prior "
+                "(call install_adapter first)"
             )
         if getattr(unet, "gradient_checkpointing", False) and torch.is_grad_enabled():
             raise RuntimeError(
@@ -393,7 +391,7 @@ class CascadeBackbone(Backbone):
         self.resolution = int(resolution)
         self.model_id = str(model_id)
         self.resolution_multiple = float(resolution_multiple)
-        self.decoder_model = decoder_model
+        self.decoder_model = str(decoder_model) if decoder_model is not None else default_decoder(model_id)
         self._decoder = None  # StableCascadeDecoderPipeline, loaded on first decode
         self.effnet = str(effnet) if effnet is not None else default_effnet(model_id)  # file or hub path
         self._effnet = None  # EfficientNetEncoder, loaded on first encode_images
@@ -459,13 +457,8 @@ class CascadeBackbone(Backbone):
         )
 
     @classmethod
-    def from_config(
-        cls,
-        cfg: BackboneConfig,
-        device: str | torch.device = "cpu",
-        decoder_model: str | Path | None = None,
-    ) -> CascadeBackbone:
-        """:meth:`load` from the ``backbone`` config section (model, resolution, dtype, effnet)."""
+    def from_config(cls, cfg: BackboneConfig, device: str | torch.device = "cpu") -> CascadeBackbone:
+        """:meth:`load` from the ``backbone`` config section (model, resolution, dtype, effnet, decoder)."""
         if cfg.kind != KIND or not cfg.model:
             raise ConfigError(f"backbone.kind={cfg.kind}, model={cfg.model!r}: not a cascade backbone config")
         if cfg.prediction_type not in ("auto", "epsilon"):
@@ -474,11 +467,28 @@ class CascadeBackbone(Backbone):
         return cls.load(
             cfg.model,
             resolution=cfg.resolution,
-            decoder_model=decoder_model,
+            decoder_model=cfg.decoder,
             effnet=cfg.effnet,
             device=device,
             dtype=dtype,
         )
+
+    # ----------------------------------------------------------------------------- user adapter
+
+    def adapter_layers(self) -> dict[str, int]:
+        """Every Stage-C attention block (module name -> width), in module order."""
+        return {
+            name: b.attention.to_k.out_features for name, b in cascade_attention_blocks(self.prior).items()
+        }
+
+    def adapter_initial_weights(self, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return cascade_initial_weights(cascade_attention_blocks(self.prior)[layer])
+
+    def install_adapter(self, adapter: UserAdapter) -> None:
+        install_cascade_user_branch(self.prior, adapter)
+
+    def uninstall_adapter(self) -> None:
+        uninstall_cascade_user_branch(self.prior)
 
     def networks(self) -> dict[str, nn.Module]:
         """The modules with weights, by component name."""
@@ -592,8 +602,8 @@ class CascadeBackbone(Backbone):
         on ``captions`` (default ""); its noise comes from ``generator`` (default: seeded 0, reproducible)."""
         if self.decoder_model is None:
             raise CascadeUnsupportedError(
-                "decoding Stage-C latents needs Stages B and A: load the cascade backbone with decoder_model= "
-                "(a hub id or local directory in the stabilityai/stable-cascade decoder layout)"
+                f"{self.model_id} has no Stages B/A to decode Stage-C latents into images: set backbone.decoder "
+                f"(a hub id such as {DECODER_HUB!r} or a local directory in its decoder layout)"
             )
         if self._decoder is None:
             self._decoder = load_cascade_decoder(self.decoder_model, device=self.device, dtype=self.dtype)
@@ -636,7 +646,7 @@ class CascadeBackbone(Backbone):
     ) -> torch.Tensor:
         """Predicted noise (B, 16, h, w) in ``x_t``'s dtype. ``t``: ratios (B,) or one scalar; ``text``: the
         :meth:`encode_prompt` tensor (B, 78, text_dim); ``user_tokens`` (B, N, cross_attention_dim) need
-        :func:`install_cascade_user_branch`; ``user_scale`` a float or (B,) per-sample scales."""
+        an installed adapter (:meth:`install_adapter`); ``user_scale`` a float or (B,) per-sample scales."""
         batch, dtype = x_t.shape[0], self.dtype
         if text.ndim != 3 or text.shape[0] != batch or text.shape[1] < 2 or text.shape[2] != self.text_dim:
             raise InputError(
@@ -731,11 +741,61 @@ def tiny_text_encoder(seed: int = 0, width: int = 32) -> CLIPTextModelWithProjec
         return CLIPTextModelWithProjection(config)
 
 
-def build_tiny_cascade(out_dir: str | Path, seed: int = 0) -> Path:
+def build_tiny_cascade_decoder(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny random Stages B/A pipeline directory (an effnet-conditioned StableCascadeUNet and a PaellaVQModel)
+    in ``StableCascadeDecoderPipeline``'s layout, which :func:`load_cascade_decoder` reads; 32 px images from
+    the tiny prior's 8x8 latents."""
+    import warnings
+
+    from diffusers import StableCascadeDecoderPipeline  # deprecated after 0.35.2: see the module docstring
+    from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        decoder = StableCascadeUNet(
+            in_channels=4,
+            out_channels=4,
+            conditioning_dim=32,
+            block_out_channels=(16, 32),
+            num_attention_heads=(1, 2),
+            down_num_layers_per_block=(1, 1),
+            up_num_layers_per_block=(1, 1),
+            block_types_per_layer=(
+                ("SDCascadeResBlock", "SDCascadeTimestepBlock"),
+                ("SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock"),
+            ),
+            clip_text_pooled_in_channels=32,
+            effnet_in_channels=16,
+            pixel_mapper_in_channels=3,
+            timestep_conditioning_type=("sca",),
+            dropout=(0.0, 0.0),
+        )
+        vqgan = PaellaVQModel(
+            levels=2, bottleneck_blocks=1, embed_dim=16, latent_channels=4, num_vq_embeddings=16
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = build_offline_clip_tokenizer(tmp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the deprecation notice of the pipeline class
+        pipe = StableCascadeDecoderPipeline(
+            decoder=decoder,
+            tokenizer=tokenizer,
+            text_encoder=tiny_text_encoder(seed + 1),
+            scheduler=DDPMWuerstchenScheduler(),
+            vqgan=vqgan,
+            latent_dim_scale=1.0,
+        )
+        pipe.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def build_tiny_cascade(out_dir: str | Path, seed: int = 0, decoder: bool = True) -> Path:
     """Write a tiny random prior checkpoint in the real ``stable-cascade-prior`` layout (plus backbone.json
     at :data:`TINY_RESOLUTION`, i.e. 16 x 8 x 8 latents, and a random EfficientNet encoder file,
     :func:`~ppd_core.models.effnet.save_tiny_effnet`, which ``load`` picks up as the default ``effnet``);
     :meth:`CascadeBackbone.load` reads it through the same ``from_pretrained`` calls as the hub checkpoint.
+    ``decoder``: also a tiny Stages B/A pipeline in ``decoder_pipeline/`` (:func:`build_tiny_cascade_decoder`),
+    the default decoder of a local directory, so the tiny checkpoint samples images end to end.
     Same seed, same weights."""
     out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory() as tmp:
@@ -750,4 +810,6 @@ def build_tiny_cascade(out_dir: str | Path, seed: int = 0) -> Path:
     )
     backbone.save(out_dir)
     save_tiny_effnet(out_dir / EFFNET_FILE, seed)
+    if decoder:
+        build_tiny_cascade_decoder(out_dir / DECODER_SUBDIR, seed)
     return out_dir

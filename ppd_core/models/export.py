@@ -7,8 +7,8 @@
     user_embeddings.parquet    the user embeddings table, when given
     README.md                  a model card
 
-Layer ``i`` (0-based, in ``unet.attn_processors`` order over cross-attention layers only) is saved as
-``ip_adapter.{2i+1}``: the numbering ``_convert_ip_adapter_attn_to_diffusers`` reads. The branch is linear in
+Layer ``i`` (0-based, in ``Backbone.adapter_layers`` order: a UNet's cross-attention layers in processor
+order) is saved as ``ip_adapter.{2i+1}``: the numbering ``_convert_ip_adapter_attn_to_diffusers`` reads. The branch is linear in
 its values, so each layer's ``gate`` (times ``scale``) is folded into ``to_v_ip``; :func:`load_adapter` reads
 the folded weights back with every gate set to 1, which computes the same function up to float rounding.
 
@@ -64,12 +64,13 @@ def diffusers_state_dict(adapter: UserAdapter, scale: float = 1.0) -> dict[str, 
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
 
 
-def diffusers_loadable(adapter: UserAdapter, unet) -> str | None:
-    """None if ``load_ip_adapter`` reads this adapter into ``unet`` as is, else the reason it does not."""
+def diffusers_loadable(adapter: UserAdapter, backbone: Backbone) -> str | None:
+    """None if ``load_ip_adapter`` reads this adapter into the backbone's UNet as is, else the reason it does
+    not (any denoiser that is not a standard ``UNet2DConditionModel``, e.g. the Stable Cascade prior)."""
     if adapter.num_tokens != DIFFUSERS_NUM_TOKENS:
         return f"num_tokens is {adapter.num_tokens}; diffusers' ImageProjection auto-detection assumes 4"
     try:
-        layers = cross_attention_layers(unet)
+        layers = cross_attention_layers(backbone.denoiser)
     except (ConfigError, AttributeError) as e:
         return f"the denoiser is not a standard UNet2DConditionModel ({e})"
     if list(layers.items()) != list(adapter.layer_widths().items()):
@@ -92,7 +93,7 @@ def export_adapter(
     file. ``scale`` is folded into to_v_ip with the gates (the default 1.0 keeps the trained scale a runtime
     choice). ``require_diffusers`` (default: for SD backbones) makes a layout diffusers cannot read an error."""
     out_dir = Path(out_dir)
-    why_not = diffusers_loadable(adapter, backbone.denoiser)
+    why_not = diffusers_loadable(adapter, backbone)
     if require_diffusers is None:
         require_diffusers = backbone.kind == "sd"
     if require_diffusers and why_not:
@@ -138,8 +139,9 @@ def read_metadata(path: str | Path) -> dict:
     return out
 
 
-def load_adapter(path: str | Path, unet) -> UserAdapter:
-    """Read an export (directory or weights file) back into a :class:`UserAdapter` installed on ``unet``.
+def load_adapter(path: str | Path, backbone: Backbone) -> UserAdapter:
+    """Read an export (directory or weights file) back into a :class:`UserAdapter` installed on ``backbone``
+    (``Backbone.install_adapter``, which refuses an adapter built for other layers).
 
     Weights are loaded exactly; since the gates were folded into to_v_u at export, every gate is 1, so the
     loaded adapter at ``user_scale = s`` matches the trained one at ``s * folded_scale``. A foreign IP-Adapter
@@ -156,7 +158,7 @@ def load_adapter(path: str | Path, unet) -> UserAdapter:
         meta = {
             "embedding_shape": [proj_weight.shape[1]],
             "cross_attention_dim": proj_weight.shape[0] // DIFFUSERS_NUM_TOKENS,
-            "layers": list(cross_attention_layers(unet).items()),
+            "layers": list(backbone.adapter_layers().items()),
             "num_tokens": DIFFUSERS_NUM_TOKENS,
             "rows": "all",
         }
@@ -180,8 +182,8 @@ def load_adapter(path: str | Path, unet) -> UserAdapter:
         state[f"{prefix}.to_v_u.weight"] = tensors[f"ip_adapter.{key}.to_v_ip.weight"]
         state[f"{prefix}.gate"] = torch.ones(1)
     adapter.load_state_dict(state, strict=True)
-    adapter.to(device=next(unet.parameters()).device)
-    adapter.install(unet)
+    adapter.to(device=next(backbone.denoiser.parameters()).device)
+    backbone.install_adapter(adapter)
     return adapter
 
 

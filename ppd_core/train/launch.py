@@ -4,12 +4,19 @@ The `deepspeed` launcher (or torchrun) starts one worker process per rank runnin
 ``python -m <module> <args>``; gloo on CPU and nccl on GPU are chosen inside the worker. The launcher
 runs in a new session, so cancelling the flow (or any exception, or Ctrl-C in the caller) kills
 every rank with one ``killpg``: nothing is left holding a GPU.
+
+The workers' output is streamed to the caller's stderr and a log file as it comes. A failed run is
+reported in one line: the exit code, the last error line of that log and its path; the log is not
+repeated. A worker that exits with an error (a bad checkpoint, a config the backbone refuses) failed
+deterministically: :class:`~ppd_core.errors.StageError`, which the flow does not retry. A launcher killed
+by a signal (the OOM killer, a preempted node) may succeed when run again: ``RuntimeError``, retried.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -109,9 +116,28 @@ def run(
         except BaseException:
             kill_group(proc, grace_s)
             raise
-    if rc != 0:
-        tail = log_path.read_bytes()[-3000:].decode(errors="replace")
-        raise StageError(f"training exited with code {rc}; log: {log_path}\n{tail}")
+    if rc == 0:
+        return
+    reason = last_error_line(log_path.read_bytes()[-20000:].decode(errors="replace"))
+    where = f"the full log, streamed above: {log_path}"
+    if rc < 0 or rc in (128 + signal.SIGKILL, 128 + signal.SIGTERM):
+        raise RuntimeError(f"training was killed (exit code {rc}): {reason} ({where})")
+    raise StageError(f"training exited with code {rc}: {reason} ({where})")
+
+
+_RANK_PREFIX = re.compile(r"^\[rank\d+\]:\s*")
+_ERROR_LINE = re.compile(r"^[\w.]*(Error|Exception|Interrupt)\b.*:|^[\w.]*Error$")
+
+
+def last_error_line(log: str) -> str:
+    """The line that says why a worker failed: the last ``SomeError: message`` line of its log that is not
+    the launcher's own ``CalledProcessError`` about the worker's exit; else the last non-empty line."""
+    lines = [_RANK_PREFIX.sub("", line).strip() for line in log.splitlines()]
+    lines = [line for line in lines if line]
+    for line in reversed(lines):
+        if _ERROR_LINE.match(line) and "CalledProcessError" not in line:
+            return line
+    return lines[-1] if lines else "no output"
 
 
 def kill_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:

@@ -28,7 +28,7 @@ import torch
 from ppd_core.config import BETA_DPO_DEFAULTS, PPDConfig
 from ppd_core.embed.extract import read_embeddings
 from ppd_core.manifest import atomic_write_json
-from ppd_core.models.adapter import UserAdapter, embedding_dropout
+from ppd_core.models.adapter import embedding_dropout
 from ppd_core.models.factory import load_backbone
 from ppd_core.train import checkpoint
 from ppd_core.train.cache import LatentCache
@@ -214,14 +214,13 @@ def main(argv: list[str] | None = None) -> None:
     for module in backbone.networks().values() if hasattr(backbone, "networks") else [backbone.denoiser]:
         module.requires_grad_(False).eval()
     data = TrainData(spec, trainer, device)
-    adapter = UserAdapter.from_unet(
-        backbone.denoiser,
+    adapter = backbone.new_adapter(
         data.embedding_shape,
         num_tokens=cfg.adapter.num_tokens,
         rows=cfg.adapter.rows,
         seed=t.seed,
     )
-    adapter.install(backbone.denoiser)
+    backbone.install_adapter(adapter)
     engine, _, _, _ = deepspeed.initialize(
         model=adapter,
         model_parameters=[p for p in adapter.parameters()],

@@ -65,8 +65,8 @@ def batch(backbone):
 
 
 def fresh_adapter(backbone, **kw) -> UserAdapter:
-    adapter = UserAdapter.from_unet(backbone.unet, (EMBED_DIM,), **kw)
-    adapter.install(backbone.unet)
+    adapter = backbone.new_adapter((EMBED_DIM,), **kw)
+    backbone.install_adapter(adapter)
     return adapter
 
 
@@ -80,7 +80,7 @@ def perturb(adapter: UserAdapter, seed: int = 0) -> None:
 
 def base_output(backbone, batch) -> torch.Tensor:
     x_t, t, text, _ = batch
-    UserAdapter.uninstall(backbone.unet)
+    backbone.uninstall_adapter()
     return backbone.denoise(x_t, t, text)
 
 
@@ -276,7 +276,7 @@ def test_export_then_our_loader_reproduces_the_adapter(backbone, batch, exported
     x_t, t, text, embeddings = batch
     expected = backbone.denoise(x_t, t, text, adapter.tokens(embeddings))
     reloaded_backbone = load(backbone.model)
-    reloaded = load_adapter(out_dir, reloaded_backbone.unet)
+    reloaded = load_adapter(out_dir, reloaded_backbone)
     assert all(reloaded.branch(n).gate.item() == 1.0 for n in reloaded.layer_names)
     out = reloaded_backbone.denoise(x_t, t, text, reloaded.tokens(embeddings))
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import tempfile
 import warnings
 
 import huggingface_hub
@@ -17,24 +16,27 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torchvision.transforms.functional as TF
-from diffusers import DDPMWuerstchenScheduler, StableCascadeUNet
+from diffusers import DDPMWuerstchenScheduler
 from diffusers.models.attention_processor import AttnProcessor2_0
 from safetensors import safe_open
 
 from ppd_core.config import BackboneConfig, IngestConfig
 from ppd_core.data.images import ImageShardWriter, ImageStore, check_image
 from ppd_core.errors import ConfigError, InputError, PPDError, StageError
+from ppd_core.models.adapter import UserAdapter
 from ppd_core.models.cascade import (
+    DECODER_HUB,
+    DECODER_SUBDIR,
     TINY_RESOLUTION,
     CascadeBackbone,
     CascadeSamplingScheduler,
     CascadeUnsupportedError,
     build_tiny_cascade,
+    build_tiny_cascade_decoder,
     cascade_attention_blocks,
-    install_cascade_user_branch,
+    default_decoder,
     tiny_prior,
     tiny_text_encoder,
-    uninstall_cascade_user_branch,
 )
 from ppd_core.models.effnet import (
     EFFNET_FILE,
@@ -45,7 +47,6 @@ from ppd_core.models.effnet import (
     resolve_effnet_file,
     tiny_effnet,
 )
-from ppd_core.models.text import build_offline_clip_tokenizer
 from ppd_core.models.toy import state_digest
 from ppd_core.train.cache import LatentCache, cache_latents
 from tests.data.pickapic_factory import image_bytes
@@ -92,6 +93,13 @@ def user_tokens(bb: CascadeBackbone, n: int = 4, seed: int = 1) -> torch.Tensor:
     return torch.randn(len(CAPTIONS), n, bb.cross_attention_dim, generator=g)  # (B, N, D)
 
 
+def install(bb: CascadeBackbone) -> torch.nn.ModuleDict:
+    """A fresh adapter through the backbone's one adapter mechanism, installed; returns its branches."""
+    adapter = bb.new_adapter((8,), num_tokens=4)
+    bb.install_adapter(adapter)
+    return adapter.branches
+
+
 def set_gates(branches, value: float) -> None:
     with torch.no_grad():
         for branch in branches.values():
@@ -112,6 +120,9 @@ def test_tiny_checkpoint_has_the_stable_cascade_prior_layout(tiny_dir):
         "scheduler/scheduler_config.json",
         "backbone.json",
         "effnet_encoder.safetensors",
+        "decoder_pipeline/model_index.json",  # Stages B/A, the local default decoder
+        "decoder_pipeline/decoder/config.json",
+        "decoder_pipeline/vqgan/config.json",
     ):
         assert (tiny_dir / path).is_file(), path
     index = json.loads((tiny_dir / "model_index.json").read_text())
@@ -266,34 +277,38 @@ def test_inference_scheduler_steps_to_finite_latents(backbone):
 
 def test_install_returns_one_branch_per_attention_block_with_stable_keys(backbone):
     before = set(backbone.prior.state_dict())
-    branches = install_cascade_user_branch(backbone.prior, backbone.cross_attention_dim)
+    branches = install(backbone)
     assert sorted(branches) == BRANCH_KEYS
     assert sorted(n for n, _ in branches["up_blocks-0-2"].named_parameters()) == [
         "gate",
         "to_k_u.weight",
         "to_v_u.weight",
     ]
-    assert set(backbone.prior.state_dict()) == before  # branch weights live only in the ModuleDict
+    assert set(backbone.prior.state_dict()) == before  # branch weights live only in the adapter
     for name, block in cascade_attention_blocks(backbone.prior).items():
         branch, attn, mapper = branches[name.replace(".", "-")], block.attention, block.kv_mapper[1]
         assert branch.gate.item() == 0.0
         assert branch.to_k_u.bias is None and branch.to_v_u.bias is None
         torch.testing.assert_close(branch.to_k_u.weight, attn.to_k.weight @ mapper.weight)
         torch.testing.assert_close(branch.to_v_u.weight, attn.to_v.weight @ mapper.weight)
-    uninstall_cascade_user_branch(backbone.prior)
+    backbone.uninstall_adapter()
     procs = [b.attention.processor for b in cascade_attention_blocks(backbone.prior).values()]
     assert all(type(p) is AttnProcessor2_0 for p in procs)
 
 
 def test_wrong_user_token_width_is_refused(backbone):
+    wide = UserAdapter((8,), backbone.cross_attention_dim + 1, backbone.adapter_layers())
     with pytest.raises(ConfigError, match="conditioning_dim"):
-        install_cascade_user_branch(backbone.prior, backbone.cross_attention_dim + 1)
+        backbone.install_adapter(wide)
+    other = UserAdapter((8,), backbone.cross_attention_dim, {"down_blocks.0.2": 32})
+    with pytest.raises(ConfigError, match="other attention blocks"):
+        backbone.install_adapter(other)
 
 
 def test_fresh_branch_is_exactly_the_base_model(backbone):
     x_t, t, text = inputs(backbone)
     base = backbone.denoise(x_t, t, text)
-    install_cascade_user_branch(backbone.prior, backbone.cross_attention_dim)
+    install(backbone)
     assert torch.equal(backbone.denoise(x_t, t, text, user_tokens(backbone)), base)
 
 
@@ -304,7 +319,7 @@ def test_fresh_branch_is_exactly_the_base_model(backbone):
 def test_open_gates_are_still_exactly_the_base_model_without_a_user(backbone, case):
     x_t, t, text = inputs(backbone)
     base = backbone.denoise(x_t, t, text)
-    set_gates(install_cascade_user_branch(backbone.prior, backbone.cross_attention_dim), 0.7)
+    set_gates(install(backbone), 0.7)
     u = user_tokens(backbone)
     out = {
         "no tokens": lambda: backbone.denoise(x_t, t, text, None, 1.0),
@@ -318,7 +333,7 @@ def test_open_gates_are_still_exactly_the_base_model_without_a_user(backbone, ca
 def test_open_gates_with_a_user_change_the_prediction_per_sample(backbone):
     x_t, t, text = inputs(backbone)
     base = backbone.denoise(x_t, t, text)
-    set_gates(install_cascade_user_branch(backbone.prior, backbone.cross_attention_dim), 0.7)
+    set_gates(install(backbone), 0.7)
     u = user_tokens(backbone)
     assert (backbone.denoise(x_t, t, text, u) - base).abs().amax() > 1e-3
     mixed = backbone.denoise(x_t, t, text, u, torch.tensor([1.0, 0.0]))  # second sample: null user
@@ -331,7 +346,7 @@ def test_open_gates_with_a_user_change_the_prediction_per_sample(backbone):
 
 def test_only_branch_parameters_receive_gradients(backbone):
     x_t, t, text = inputs(backbone)
-    branches = install_cascade_user_branch(backbone.prior, backbone.cross_attention_dim)
+    branches = install(backbone)
     set_gates(branches, 0.1)  # at gate 0 only the gates would get gradient
     u = user_tokens(backbone)
     backbone.denoise(x_t, t, text, u).square().mean().backward()
@@ -344,9 +359,9 @@ def test_only_branch_parameters_receive_gradients(backbone):
 def test_user_tokens_need_an_installed_branch_and_no_gradient_checkpointing(backbone):
     x_t, t, text = inputs(backbone)
     u = user_tokens(backbone)
-    with pytest.raises(RuntimeError, match="install_cascade_user_branch"):
+    with pytest.raises(RuntimeError, match="install_adapter"):
         backbone.denoise(x_t, t, text, u)
-    install_cascade_user_branch(backbone.prior, backbone.cross_attention_dim)
+    install(backbone)
     with pytest.raises(InputError, match="batch"):
         backbone.denoise(x_t, t, text, u[:1])
     backbone.prior.enable_gradient_checkpointing()
@@ -357,68 +372,38 @@ def test_user_tokens_need_an_installed_branch_and_no_gradient_checkpointing(back
 # ------------------------------------------------------------------------------------------ stages A/B
 
 
-def test_decode_without_a_decoder_is_refused(backbone):
-    with pytest.raises(CascadeUnsupportedError, match="decoder_model"):
-        backbone.decode(torch.zeros(1, *backbone.x0_shape))
+def test_decode_without_a_decoder_is_refused(tmp_path):
+    prior_only = CascadeBackbone.load(build_tiny_cascade(tmp_path / "prior", decoder=False))
+    assert prior_only.decoder_model is None
+    with pytest.raises(CascadeUnsupportedError, match="backbone.decoder"):
+        prior_only.decode(torch.zeros(1, *prior_only.x0_shape))
 
 
-def build_tiny_decoder(out_dir) -> None:
-    """A tiny random Stage B (effnet-conditioned StableCascadeUNet) + Stage A (PaellaVQModel) pipeline dir."""
-    from diffusers import StableCascadeDecoderPipeline
-    from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel
-
-    torch.manual_seed(0)
-    decoder = StableCascadeUNet(
-        in_channels=4,
-        out_channels=4,
-        conditioning_dim=32,
-        block_out_channels=(16, 32),
-        num_attention_heads=(1, 2),
-        down_num_layers_per_block=(1, 1),
-        up_num_layers_per_block=(1, 1),
-        block_types_per_layer=(
-            ("SDCascadeResBlock", "SDCascadeTimestepBlock"),
-            ("SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock"),
-        ),
-        clip_text_pooled_in_channels=32,
-        effnet_in_channels=16,
-        pixel_mapper_in_channels=3,
-        timestep_conditioning_type=("sca",),
-        dropout=(0.0, 0.0),
-    )
-    vqgan = PaellaVQModel(
-        levels=2, bottleneck_blocks=1, embed_dim=16, latent_channels=4, num_vq_embeddings=16
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = build_offline_clip_tokenizer(tmp)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pipe = StableCascadeDecoderPipeline(
-            decoder=decoder,
-            tokenizer=tokenizer,
-            text_encoder=tiny_text_encoder(1),
-            scheduler=DDPMWuerstchenScheduler(),
-            vqgan=vqgan,
-            latent_dim_scale=1.0,
-        )
-    pipe.save_pretrained(out_dir)
+def test_decoder_defaults_to_the_local_stages_b_a_or_the_official_pair(tiny_dir, tmp_path):
+    assert (tiny_dir / DECODER_SUBDIR / "model_index.json").is_file()
+    assert default_decoder(tiny_dir) == str(tiny_dir / DECODER_SUBDIR)
+    assert default_decoder("stabilityai/stable-cascade-prior") == DECODER_HUB
+    assert default_decoder(tmp_path) is None  # a local prior without Stages B/A: decoding asks for one
+    cfg = BackboneConfig(kind="cascade", model=str(tiny_dir), decoder=str(tmp_path / "elsewhere"))
+    assert CascadeBackbone.from_config(cfg).decoder_model == str(tmp_path / "elsewhere")
 
 
 def test_decode_through_a_decoder_pipeline_gives_reproducible_images(tiny_dir, tmp_path):
-    build_tiny_decoder(tmp_path / "decoder")
+    build_tiny_cascade_decoder(tmp_path / "decoder")
     bb = CascadeBackbone.load(tiny_dir, decoder_model=tmp_path / "decoder")
     x0 = torch.randn(2, *bb.x0_shape, generator=torch.Generator().manual_seed(0))
     images = bb.decode(x0)
     assert images.shape == (2, 3, 32, 32) and images.dtype == torch.float32
     assert images.min() >= 0.0 and images.max() <= 1.0
     assert torch.equal(bb.decode(x0), images)  # seeded Stage-B noise by default
+    assert torch.equal(CascadeBackbone.load(tiny_dir).decode(x0), images)  # the checkpoint's own, same seed
 
 
 def test_bfloat16_prior_with_float32_branches(tiny_dir, loaded):
     bb = CascadeBackbone.load(tiny_dir, dtype=torch.bfloat16)
     assert bb.dtype == torch.bfloat16 and bb.text_encoder.dtype == torch.bfloat16
     assert bb.identity()["weights_digest"] != loaded.identity()["weights_digest"]
-    branches = install_cascade_user_branch(bb.prior, bb.cross_attention_dim)
+    branches = install(bb)
     assert all(p.dtype == torch.float32 for p in branches.parameters())  # master weights stay fp32
     set_gates(branches, 0.5)
     x_t, t, text = inputs(bb)
@@ -499,13 +484,6 @@ def test_encode_images_gives_stage_c_latents_as_train_c_does(small, tiny_dir):
     assert torch.equal(bf16.encode_images(pixels), x0)
 
 
-class DirectTokens:
-    """Stands in for the adapter's ``condition``: the embeddings are the user tokens (B, N, cross_dim)."""
-
-    def condition(self, emb, scale, null):
-        return emb, (~null).float() * scale
-
-
 def test_cache_latents_on_the_tiny_cascade_then_the_first_dpo_loss_is_ln2(small, tmp_path):
     from ppd_core.train.worker import pair_losses
 
@@ -533,12 +511,14 @@ def test_cache_latents_on_the_tiny_cascade_then_the_first_dpo_loss_is_ln2(small,
     text = cache.text(pairs["caption"] * 2)  # (2P, 78, text_dim)
 
     bb = copy.deepcopy(small)
-    branches = install_cascade_user_branch(bb.prior, bb.cross_attention_dim)
-    emb = torch.randn(3, 4, bb.cross_attention_dim, generator=torch.Generator().manual_seed(1))  # (P, N, D)
+    adapter = bb.new_adapter((8,), num_tokens=4)  # the real adapter, as the trainer builds it
+    bb.install_adapter(adapter)
+    branches = adapter.branches
+    emb = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))  # (P, D) user embeddings
 
     def first_loss():
         g = torch.Generator().manual_seed(0)
-        return pair_losses(bb, DirectTokens(), "ppd", x0, text, emb, 2500.0, g, 0.0, 1.0)
+        return pair_losses(bb, adapter, "ppd", x0, text, emb, 2500.0, g, 0.0, 1.0)
 
     loss, metrics = first_loss()  # gates 0: policy == reference
     assert loss.item() == pytest.approx(math.log(2), abs=1e-7) and metrics["implicit_acc"] == 0.5

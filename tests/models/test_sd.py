@@ -10,7 +10,6 @@ from diffusers import DDIMScheduler
 
 from ppd_core.config import BackboneConfig
 from ppd_core.errors import ConfigError, InputError
-from ppd_core.models.adapter import UserAdapter
 from ppd_core.models.sd import SDBackbone, build_tiny_sd
 
 RES = 32
@@ -121,16 +120,16 @@ def test_user_tokens_need_an_installed_adapter_which_then_starts_at_the_base_mod
     x_t, t = torch.randn(2, *backbone.x0_shape, generator=g), torch.tensor([100, 700])
     text = backbone.encode_prompt(["a", "b"])
     base = backbone.denoise(x_t, t, text)
-    adapter = UserAdapter.from_unet(backbone.unet, (3, 16), rows="mean")
+    adapter = backbone.new_adapter((3, 16), rows="mean")
     tokens = adapter.tokens(torch.randn(2, 3, 16, generator=g))
     assert tokens.shape == (2, 4, backbone.cross_attention_dim)
     with pytest.raises(ConfigError, match="no user adapter"):
         backbone.denoise(x_t, t, text, tokens)
-    adapter.install(backbone.unet)
+    backbone.install_adapter(adapter)
     try:
         assert torch.equal(backbone.denoise(x_t, t, text, tokens), base)
     finally:
-        UserAdapter.uninstall(backbone.unet)
+        backbone.uninstall_adapter()
 
 
 def test_save_reloads_exactly_and_identity_follows_the_weights(checkpoints, tmp_path):

@@ -74,6 +74,32 @@ def test_failed_run_is_a_clear_error_with_the_log_tail(tmp_path):
     assert "about to fail" in str(e.value) and "about to fail" in (tmp_path / "log.txt").read_text()
 
 
+def test_a_failed_worker_is_one_line_naming_its_error_and_the_log(tmp_path):
+    """The log was streamed as it came; the error names the worker's own exception once, not the launcher's
+    CalledProcessError, and does not repeat the log."""
+    script = (
+        "import sys\n"
+        "print('step 1 ok', flush=True)\n"
+        "print('[rank0]: Traceback (most recent call last):', flush=True)\n"
+        "print('[rank0]: ppd_core.errors.ConfigError: user tokens are 33 wide', flush=True)\n"
+        "print('subprocess.CalledProcessError: Command [python] returned non-zero exit status 1.', flush=True)\n"
+        "sys.exit(1)"
+    )
+    with pytest.raises(StageError) as e:
+        launch.run([sys.executable, "-c", script], tmp_path / "log.txt")
+    message = str(e.value)
+    assert "\n" not in message and "step 1 ok" not in message
+    assert message.startswith("training exited with code 1: ppd_core.errors.ConfigError: user tokens are 33 wide")
+    assert str(tmp_path / "log.txt") in message
+
+
+def test_a_worker_killed_by_a_signal_is_transient_not_a_stage_error(tmp_path):
+    cmd = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
+    with pytest.raises(RuntimeError, match="killed") as e:
+        launch.run(cmd, tmp_path / "log.txt")
+    assert not isinstance(e.value, StageError)  # retried by the flow, unlike a deterministic failure
+
+
 def test_interrupt_kills_the_whole_process_group(tmp_path):
     pidfile = tmp_path / "child.pid"
     # the launched process starts a grandchild that would outlive a plain kill of its parent

@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 
 from ppd_core import pipeline
 from ppd_core.config import load_config
-from ppd_core.models.adapter import UserAdapter
 from ppd_core.models.factory import load_backbone
 from ppd_core.train import launch
 from ppd_core.train.stage import train_stage
@@ -53,8 +52,8 @@ def test_first_dpo_loss_is_ln2_and_only_the_adapter_learns(prepared):
     frozen = {k: v.clone() for k, v in backbone.denoiser.state_dict().items()}
     spec = {"dirs": {k: str(v) for k, v in _spec_dirs(dirs).items()}, "embedder": "truth"}
     data = TrainData(spec, "ppd", torch.device("cpu"))
-    adapter = UserAdapter.from_unet(backbone.denoiser, data.embedding_shape, num_tokens=4)
-    adapter.install(backbone.denoiser)
+    adapter = backbone.new_adapter(data.embedding_shape, num_tokens=4)
+    backbone.install_adapter(adapter)
     before = {k: v.clone() for k, v in adapter.state_dict().items()}
     opt = torch.optim.AdamW(adapter.parameters(), lr=1e-2)
     for step in range(3):
