@@ -23,14 +23,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from ppd_core.config import PPDConfig, config_to_yaml, load_config
+from flows.generate import generate_command
+from flows.options import ConfigOpt, SetOpt, _fail, _resolve, out
+from ppd_core.config import PPDConfig, config_to_yaml
 from ppd_core.errors import PPDError
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_PRESET = REPO_ROOT / "configs" / "toy.yaml"
 
 app = typer.Typer(
     help="Personalized preference fine-tuning (PPD) of text-to-image diffusion models: the pipeline CLI.",
@@ -40,42 +38,6 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect the resolved configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
-
-err = Console(stderr=True)
-out = Console()
-
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        "-c",
-        help="YAML preset (default: $PPD_CONFIG, else configs/toy.yaml).",
-        show_default=False,
-    ),
-]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--set",
-        help="Dotted override, repeatable: --set fewshot.seed=3 (wins over file and PPD_* env).",
-        show_default=False,
-    ),
-]
-
-
-def _resolve(config: Path | None, sets: list[str] | None, extra: list[str] = ()) -> PPDConfig:
-    path = config or (Path(os.environ["PPD_CONFIG"]) if os.environ.get("PPD_CONFIG") else None)
-    if path is None and DEFAULT_PRESET.is_file():
-        path = DEFAULT_PRESET
-    return load_config(path, [*(sets or []), *extra])
-
-
-def _fail(e: Exception, code: int = 2) -> None:
-    """Say a user-facing error in one message: the text as is (no rich markup, so ``[us]`` or a path with
-    ``[/x]`` survives) and unwrapped, then exit ``code``."""
-    err.print("error:", style="bold red", end=" ")
-    err.print(str(e), markup=False, highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def configure_prefect(root: Path) -> None:
@@ -410,8 +372,6 @@ def config_reference(
     tail = rest.split(end, 1)[1]
     write.write_text(f"{head}{start}{marker_line}\n{table}\n{end}{tail}")
 
-
-from flows.generate import generate_command  # noqa: E402 (the command reuses this module's helpers)
 
 app.command(name="generate")(generate_command)
 

@@ -54,9 +54,6 @@ class Manifest(BaseModel):
     counts: dict[str, Any]
     partition: str | None = None  # set for a per-partition output (e.g. created_date=2023-05-01)
 
-    def path(self, root: str | Path) -> Path:
-        return RunLayout(root).stage_dir(self.stage, self.fingerprint, self.partition)
-
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()

@@ -23,6 +23,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from ppd_core.config import PPDConfig, fingerprint, stable_fields
+from ppd_core.data.ingest import VERSION as INGEST_VERSION
+from ppd_core.data.world_render import world_dir
 from ppd_core.errors import StageError
 from ppd_core.layout import RunLayout
 from ppd_core.manifest import Manifest, StageOutcome, run_stage
@@ -30,7 +32,7 @@ from ppd_core.manifest import Manifest, StageOutcome, run_stage
 # Bump a stage's version when its code changes what it writes: every output of it (and downstream) is recomputed.
 STAGE_VERSIONS: dict[str, str] = {
     "synthesize": "2",
-    "ingest": "1",
+    "ingest": INGEST_VERSION,
     "tiny_models": "2",
     "relabel": "1",
     "fewshot": "2",
@@ -72,7 +74,7 @@ def upstream_of(stage: str, cfg: PPDConfig) -> tuple[str, ...]:
         return () if cfg.ingest.source else ("synthesize",)
     world = () if cfg.ingest.source else ("synthesize",)
     if stage == "relabel":
-        from ppd_core.data.relabel import needs_tiny_models, needs_world
+        from ppd_core.rewards.relabel import needs_tiny_models, needs_world
 
         specs = cfg.relabel_rewards()
         tiny = ("tiny_models",) if needs_tiny_models(specs) else ()
@@ -264,12 +266,12 @@ def _build(
             files = resolve_source(str(layout.stage_dir("synthesize", synth.fingerprint) / "data"))
         return lambda out: ingest(cfg.ingest, files, out, progress=progress)
     if p.stage == "tiny_models":
-        from ppd_core.embed.tiny_models import build_tiny_models
+        from ppd_core.tiny import build_tiny_models
 
         return lambda out: build_tiny_models(cfg.tiny_models, out)
     dirs = {u: layout.stage_dir(u, m.fingerprint) for u, m in upstream.items()}
     if p.stage == "relabel":
-        from ppd_core.data.relabel import relabel
+        from ppd_core.rewards.relabel import relabel
 
         specs = cfg.relabel_rewards()
         return lambda out: relabel(
@@ -320,11 +322,6 @@ def _build(
 
         return lambda out: evaluate_stage(cfg, dirs, out, progress=progress)
     raise StageError(f"no body for stage {p.stage}")
-
-
-def world_dir(dirs: Mapping[str, Path]) -> Path | None:
-    """The synthetic world's ground truth (``<synthesize>/world``) among stage directories, if any."""
-    return Path(dirs["synthesize"]) / "world" if "synthesize" in dirs else None
 
 
 def execute(

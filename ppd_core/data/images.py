@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from ppd_core.config import IngestConfig
+from ppd_core.errors import StageError
 from ppd_core.schemas import IMAGE_INDEX
 
 IMAGE_REASONS = (
@@ -485,3 +486,21 @@ class ImageStore:
         if len(shapes) > 1:
             raise ValueError(f"images have different sizes {sorted(shapes)}; pass size= to resize them")
         return np.stack(arrays)  # (N, H, W, 3)
+
+
+INGEST_IMAGES = "images"  # the image store inside an ingest output
+
+
+def has_ingest_images(ingest_dir: str | Path) -> bool:
+    """Whether an ingest output holds images (a metadata-only source gives none)."""
+    return (Path(ingest_dir) / INGEST_IMAGES / INDEX_NAME).is_file()
+
+
+def ingest_images(ingest_dir: str | Path) -> ImageStore:
+    """The ingest stage's image store (``<ingest>/images``); a clear error when ingestion wrote no images."""
+    images = Path(ingest_dir) / INGEST_IMAGES
+    if not has_ingest_images(ingest_dir):
+        raise StageError(
+            f"{ingest_dir}: ingestion wrote no images (metadata-only source?); this stage needs image bytes"
+        )
+    return ImageStore(images)

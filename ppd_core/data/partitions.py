@@ -42,12 +42,12 @@ import pyarrow.compute as pc
 from filelock import FileLock, Timeout
 
 from ppd_core.config import PPDConfig, digest_json, fingerprint, stable_fields
+from ppd_core.data.ingest import VERSION as INGEST_VERSION
 from ppd_core.data.ingest import created_at_stats
 from ppd_core.data.pickapic import SourceFile, check_schema, open_parquet, resolve_source, source_identity
 from ppd_core.errors import InputError, StageError
 from ppd_core.layout import RunLayout
 from ppd_core.manifest import atomic_write_json, is_complete, load_manifest, run_stage
-from ppd_core.pipeline import STAGE_VERSIONS
 from ppd_core.schemas import PAIRS_PARTITION, PICKAPIC_V2
 
 STAGE = "ingest"
@@ -147,7 +147,7 @@ class PartitionPlan:
 def partition_fingerprint(cfg: PPDConfig, day: str, files: Iterable[SourceFile]) -> str:
     section = {k: v for k, v in stable_fields(cfg.ingest).items() if k != "source"}
     extra = {"source": source_identity(files), "partition": partition_name(day)}
-    return fingerprint(STAGE, section, {}, STAGE_VERSIONS[STAGE], extra)
+    return fingerprint(STAGE, section, {}, INGEST_VERSION, extra)
 
 
 def plan_partitions(cfg: PPDConfig, start: dt.date, end: dt.date) -> list[PartitionPlan]:
@@ -295,7 +295,7 @@ def run_partition(
                 STAGE,
                 plan.fingerprint,
                 lambda out: _ingest_day(cfg, files, out, plan.day, progress),
-                code_version=STAGE_VERSIONS[STAGE],
+                code_version=INGEST_VERSION,
                 config=cfg.model_dump(mode="json"),
                 upstream={},
                 partition=plan.partition,

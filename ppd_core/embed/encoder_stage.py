@@ -177,13 +177,13 @@ def encoder_stage(
     cfg: EncoderConfig, shots: int, inputs: EncoderInputs, out_dir: Path, progress: Progress | None = None
 ) -> dict:
     """Stage body: features, basis, encoder training with checkpoints, the chosen weights and a summary."""
-    from ppd_core.embed.extract import image_store
-    from ppd_core.embed.vlm import resolve_device
+    from ppd_core.data.images import ingest_images
+    from ppd_core.weights import resolve_device
 
     started = time.perf_counter()
     device = resolve_device(cfg.device)
     source = load_feature_source(cfg.features, inputs.tiny_models, cfg.device)
-    store = image_store(inputs.ingest)
+    store = ingest_images(inputs.ingest)
     feature_counts = write_feature_shards(
         source,
         referenced_uids(inputs.fewshot),

@@ -31,10 +31,10 @@ import torch
 from PIL import Image
 
 from ppd_core.config import PPDConfig
+from ppd_core.data.world_render import world_dir
 from ppd_core.errors import InputError, StageError
 from ppd_core.models.adapter import UserAdapter
 from ppd_core.models.backbone import Backbone
-from ppd_core.pipeline import world_dir
 
 MODELS = ("base", "ppd", "ppd_true", "ppd_shots", "dpo", "sft")
 TRAIN_STAGE = {

@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from ppd_core.config import PPDConfig
+from ppd_core.data.world_render import world_dir
 from ppd_core.errors import StageError
 from ppd_core.evaluate.generate import (
     MODELS,
@@ -43,7 +44,6 @@ from ppd_core.evaluate.generate import (
     embedder_for,
     user_conditions,
 )
-from ppd_core.pipeline import world_dir
 
 REFERENCE_IMAGES = 512  # dataset images whose reward spread defines "one reward std" per user
 
@@ -104,14 +104,10 @@ def select_requests(
 
 def reference_images(ingest_dir: Path, n: int, seed: int) -> np.ndarray:
     """uint8 (n, H, W, 3): a seeded sample of dataset images, resized to one size."""
-    from ppd_core.data.images import ImageStore
+    from ppd_core.data.images import ingest_images
 
-    store = ImageStore(Path(ingest_dir) / "images")
-    uids = (
-        pq.read_table(Path(ingest_dir) / "images" / "index.parquet", columns=["image_uid"])
-        .column("image_uid")
-        .to_pylist()
-    )
+    store = ingest_images(ingest_dir)
+    uids = store.uids()
     chosen = np.random.default_rng(seed).permutation(len(uids))[:n]
     images = [store.get_pil(uids[i]).convert("RGB") for i in chosen]
     size = images[0].size
@@ -127,10 +123,10 @@ def evaluate_stage(
     out_dir: Path,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
-    from ppd_core.data.relabel import read_reward_users
     from ppd_core.evaluate import judging, report
     from ppd_core.evaluate.interpolate import interpolation_study
-    from ppd_core.evaluate.rewards import load_rewards
+    from ppd_core.rewards.relabel import read_reward_users
+    from ppd_core.rewards.scorers import load_rewards
 
     out_dir = Path(out_dir)
     world = _world(dirs)

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ppd_core.data.images import ImageStore
+from ppd_core.data.images import ingest_images
 from ppd_core.errors import StageError
 from ppd_core.models.backbone import Backbone
 
@@ -75,7 +75,7 @@ def cache_latents(
 ) -> dict:
     """Stage body: encode every needed image and caption; returns counts."""
     uids, captions = needed_keys(fewshot_dir)
-    store = ImageStore(ingest_dir / "images")
+    store = ingest_images(ingest_dir)
     missing = [u for u in uids if u not in store]
     if missing:
         raise StageError(

@@ -89,7 +89,9 @@ def test_a_failed_worker_is_one_line_naming_its_error_and_the_log(tmp_path):
         launch.run([sys.executable, "-c", script], tmp_path / "log.txt")
     message = str(e.value)
     assert "\n" not in message and "step 1 ok" not in message
-    assert message.startswith("training exited with code 1: ppd_core.errors.ConfigError: user tokens are 33 wide")
+    assert message.startswith(
+        "training exited with code 1: ppd_core.errors.ConfigError: user tokens are 33 wide"
+    )
     assert str(tmp_path / "log.txt") in message
 
 

@@ -12,9 +12,9 @@ import pytest
 from ppd_core import pipeline
 from ppd_core.config import RelabelConfig, RewardSpec, load_config
 from ppd_core.data.fewshot import read_pairs, unseen_score
-from ppd_core.data.relabel import read_reward_users, relabel, reward_user_ids
-from ppd_core.embed.extract import image_store
-from ppd_core.evaluate.rewards import load_reward
+from ppd_core.data.images import ingest_images
+from ppd_core.rewards.relabel import read_reward_users, relabel, reward_user_ids
+from ppd_core.rewards.scorers import load_reward
 from ppd_core.schemas import PAIRS, REWARD_USERS
 
 TINY = [
@@ -36,7 +36,7 @@ def world_run(tmp_path_factory):
 
 
 def _pixels(ingest_dir, uids) -> np.ndarray:
-    store = image_store(ingest_dir)
+    store = ingest_images(ingest_dir)
     return np.stack([np.asarray(store.get_pil(u).convert("RGB")) for u in uids])  # (N, H, W, 3)
 
 
