@@ -107,7 +107,7 @@ def reference_images(ingest_dir: Path, n: int, seed: int) -> np.ndarray:
     from ppd_core.data.images import ingest_images
 
     store = ingest_images(ingest_dir)
-    uids = store.uids()
+    uids = store.uids
     chosen = np.random.default_rng(seed).permutation(len(uids))[:n]
     images = [store.get_pil(uids[i]).convert("RGB") for i in chosen]
     size = images[0].size

@@ -169,7 +169,7 @@ def relabel(
     pairs = read_pairs(ingest_dir)
     skipped: dict[str, str] = {}
     if has_ingest_images(ingest_dir):
-        stored = pa.array(ingest_images(ingest_dir).uids(), pa.string())
+        stored = pa.array(ingest_images(ingest_dir).uids, pa.string())
         with_images = pairs.filter(
             pc.and_(pc.is_in(pairs["winner_uid"], stored), pc.is_in(pairs["loser_uid"], stored))
         )
