@@ -134,10 +134,10 @@ def run(
         _fail(e)
     root_path = Path(cfg.run.root)
     configure_prefect(root_path)
-    from flows.data import data_flow  # imports prefect: after configure_prefect
+    from flows.pipeline import pipeline_flow  # imports prefect: after configure_prefect
 
     try:
-        report = data_flow(cfg, stage_list)
+        report = pipeline_flow(cfg, stage_list)
     except PPDError as e:
         _fail(e)
     if as_json:

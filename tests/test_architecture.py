@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 OURS = ("ppd_core", "flows", "tasks")
 # low to high: a package may import its own layer and the ones before it
 LAYERS = (
-    "ppd_core",  # the top-level modules: errors, schemas, config, layout, manifest, weights
+    "ppd_core",  # the top-level modules: errors, schemas, config, layout, manifest, weights, stage, compared
     "ppd_core.data",
     "ppd_core.embed",
     "ppd_core.rewards",
@@ -23,6 +23,7 @@ LAYERS = (
     "ppd_core.train",
     "ppd_core.evaluate",
     "ppd_core.tiny",
+    "ppd_core.stages",
     "ppd_core.pipeline",
     "tasks",
     "flows",

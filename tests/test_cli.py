@@ -74,7 +74,7 @@ def test_readme_config_table_is_current():
     assert [line.split()[:2] for line in first] == [["make", "demo"], ["make", "test"]]
 
 
-def test_data_flow_caches_and_recomputes_only_what_changed(tmp_path):
+def test_pipeline_flow_caches_and_recomputes_only_what_changed(tmp_path):
     root = str(tmp_path / "run")
     first = run_json("--root", root, *SMALL, "--stages", "probe")
     assert list(first) == [

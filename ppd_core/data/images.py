@@ -20,6 +20,7 @@ shards. Data offsets are known as they are written (tests check them against ``t
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -497,7 +498,13 @@ def has_ingest_images(ingest_dir: str | Path) -> bool:
 
 
 def ingest_images(ingest_dir: str | Path) -> ImageStore:
-    """The ingest stage's image store (``<ingest>/images``); a clear error when ingestion wrote no images."""
+    """The ingest stage's image store (``<ingest>/images``), opened once per directory and process; a clear
+    error when ingestion wrote no images."""
+    return _open_ingest_images(str(ingest_dir))
+
+
+@functools.cache
+def _open_ingest_images(ingest_dir: str) -> ImageStore:
     images = Path(ingest_dir) / INGEST_IMAGES
     if not has_ingest_images(ingest_dir):
         raise StageError(

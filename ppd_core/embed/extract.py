@@ -169,7 +169,6 @@ def shot_sets_by_id(fewshot_dir: Path, ids: Sequence[str]) -> list[dict]:
     return [rows[i] for i in ids]
 
 
-@cache
 def to_shot_set(row: Mapping, ingest_dir: Path) -> ShotSet:
     store = ingest_images(ingest_dir)
     shots = tuple(

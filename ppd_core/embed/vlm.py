@@ -229,7 +229,7 @@ class VLMEmbedder(Embedder):
             ident["max_new_tokens"] = self.max_new_tokens
         return ident
 
-    def files_digest(self) -> str:
+    def weights_digest(self) -> str:
         """sha256 of the checkpoint's *.safetensors (else *.bin) files; ``commit:<hash>`` when only a hub
         revision is known."""
         if self._digest is None:

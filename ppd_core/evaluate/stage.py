@@ -33,11 +33,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from ppd_core.compared import COMPARED
 from ppd_core.config import PPDConfig
 from ppd_core.data.world_render import world_dir
 from ppd_core.errors import StageError
 from ppd_core.evaluate.generate import (
-    MODELS,
     ModelSet,
     Settings,
     averaged_users,
@@ -132,7 +132,7 @@ def evaluate_stage(
     world = _world(dirs)
     reward_users = read_reward_users(dirs["relabel"])  # reward name -> user id
     exclude = set(reward_users.values())
-    models = ["base", *[m for m in MODELS[1:] if f"train_{m}" in dirs]]
+    models = [m.name for m in COMPARED.values() if m.train_stage is None or m.train_stage in dirs]
     models_set = ModelSet.load(cfg, dirs, models)
     by_embedder: dict[str, dict] = {}  # embedder -> user -> (first shot set id, embedding), read once each
     average = averaged_users(cfg, dirs["fewshot"])  # seen users conditioned on their sets' mean
