@@ -20,26 +20,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ppd_core.compared import TRAINED
 from ppd_core.config import PPDConfig, fingerprint
 from ppd_core.errors import StageError
 from ppd_core.layout import RunLayout
 from ppd_core.manifest import Manifest, StageOutcome, run_stage
 from ppd_core.stage import MapFn, Progress, Stage, StageContext
-from ppd_core.stages import REGISTRY, STAGES
+from ppd_core.stages import STAGES
 from ppd_core.stages.common import backbone_stages, has_ceiling, train_embedder  # noqa: F401 (re-exported)
 
-STAGE_VERSIONS: dict[str, str] = {s.name: s.version for s in REGISTRY}
-STAGE_ORDER: tuple[str, ...] = tuple(STAGES)
-TRAIN_STAGES: tuple[str, ...] = tuple(TRAINED)
-# stages whose partial directory survives a crash (their shards or checkpoints complete atomically)
-RESUMABLE = frozenset(s.name for s in REGISTRY if s.resumable)
+
+def stage_names() -> tuple[str, ...]:
+    """Every registered stage, in pipeline order."""
+    return tuple(STAGES)
 
 
 def stage(name: str) -> Stage:
     """The registered stage ``name``."""
     if name not in STAGES:
-        raise StageError(f"unknown stage {name!r}; stages are: {', '.join(STAGE_ORDER)}")
+        raise StageError(f"unknown stage {name!r}; stages are: {', '.join(stage_names())}")
     return STAGES[name]
 
 
@@ -60,7 +58,7 @@ def expand(stages: Iterable[str] | None, cfg: PPDConfig) -> list[str]:
     requested = list(stages)
     unknown = [s for s in requested if s not in STAGES]
     if unknown:
-        raise StageError(f"unknown stage(s) {', '.join(unknown)}; stages are: {', '.join(STAGE_ORDER)}")
+        raise StageError(f"unknown stage(s) {', '.join(unknown)}; stages are: {', '.join(stage_names())}")
     if cfg.ingest.source and "synthesize" in requested:
         raise StageError(
             "synthesize makes the embedded synthetic world; it has no use with --source (drop it from --stages)"
@@ -75,7 +73,7 @@ def expand(stages: Iterable[str] | None, cfg: PPDConfig) -> list[str]:
 
     for name in requested:
         visit(name)
-    return [s for s in STAGE_ORDER if s in needed]
+    return [s for s in stage_names() if s in needed]
 
 
 @dataclass(frozen=True)
