@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ppd_core.config import EncoderConfig
+from ppd_core.data.fewshot import read_fewshot
 from ppd_core.embed.bradley_terry import fit_bradley_terry, standardised_differences
 from ppd_core.embed.encoder_model import PreferenceEncoder
 from ppd_core.embed.features import FeatureTable, load_feature_source, write_feature_shards
@@ -63,7 +64,7 @@ class EncoderInputs:
 def referenced_uids(fewshot_dir: Path) -> list[str]:
     """Every image uid of the shot sets, training pairs and evaluation pairs (sorted, unique)."""
     uids: set[str] = set()
-    sets = pq.read_table(fewshot_dir / "shot_sets.parquet", columns=["winner_uids", "loser_uids"])
+    sets = read_fewshot(fewshot_dir, "shot_sets", columns=["winner_uids", "loser_uids"])
     for col in ("winner_uids", "loser_uids"):
         uids.update(sets.column(col).combine_chunks().flatten().to_pylist())
     for name in ("train_pairs", "eval_pairs"):
@@ -76,11 +77,11 @@ def referenced_uids(fewshot_dir: Path) -> list[str]:
 def seen_user_pairs(fewshot_dir: Path) -> dict[int, list[tuple[str, str, str]]]:
     """Seen user -> their (pair_id, winner_uid, loser_uid) outside evaluation, sorted by pair_id."""
     pairs: dict[int, dict[str, tuple[str, str]]] = {}
-    for r in pq.read_table(fewshot_dir / "shot_sets.parquet").to_pylist():
+    for r in read_fewshot(fewshot_dir, "shot_sets").to_pylist():
         if r["split"] == "seen":
             for pid, w, lo in zip(r["pair_ids"], r["winner_uids"], r["loser_uids"], strict=True):
                 pairs.setdefault(int(r["user_id"]), {})[pid] = (w, lo)
-    for r in pq.read_table(fewshot_dir / "train_pairs.parquet").to_pylist():
+    for r in read_fewshot(fewshot_dir, "train_pairs").to_pylist():
         pairs.setdefault(int(r["user_id"]), {})[r["pair_id"]] = (r["winner_uid"], r["loser_uid"])
     return {u: [(pid, *wl) for pid, wl in sorted(p.items())] for u, p in sorted(pairs.items())}
 

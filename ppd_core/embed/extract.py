@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ppd_core.config import EmbedConfig, EmbedderSpec
+from ppd_core.data.fewshot import read_fewshot
 from ppd_core.data.images import ingest_images
 from ppd_core.embed.base import Embedder, Shot, ShotSet
 from ppd_core.errors import StageError
@@ -119,7 +120,7 @@ def load_embedder(spec: EmbedderSpec, inputs: EmbedInputs, device: str = "auto")
 
 def read_shot_sets(fewshot_dir: Path) -> pa.Table:
     """All shot sets, sorted by (user_id, set_index): the order shards are cut in."""
-    table = pq.read_table(fewshot_dir / "shot_sets.parquet")
+    table = read_fewshot(fewshot_dir, "shot_sets")
     return table.sort_by([("user_id", "ascending"), ("set_index", "ascending")])
 
 

@@ -32,6 +32,7 @@ from PIL import Image
 
 from ppd_core.compared import COMPARED, MODELS  # noqa: F401 (MODELS: re-exported)
 from ppd_core.config import PPDConfig
+from ppd_core.data.fewshot import read_fewshot
 from ppd_core.data.world_render import world_dir
 from ppd_core.errors import InputError, StageError
 from ppd_core.models.adapter import UserAdapter
@@ -72,7 +73,7 @@ class ModelSet:
     @classmethod
     def load(cls, cfg: PPDConfig, dirs: Mapping[str, Path], models: Sequence[str]) -> ModelSet:
         """``dirs``: stage -> output directory (``pretrain`` for the toy backbone, ``train_<x>`` per model)."""
-        from ppd_core.models.export import load_adapter
+        from ppd_core.models.export import export_dir, load_adapter
         from ppd_core.models.factory import load_backbone
 
         unknown = [m for m in models if m not in MODELS]
@@ -86,7 +87,7 @@ class ModelSet:
             stage = TRAIN_STAGE[model]
             if stage not in dirs:
                 raise StageError(f"model {model!r} needs the {stage} stage's output")
-            adapters[model] = load_adapter(Path(dirs[stage]) / "export", backbone).eval()
+            adapters[model] = load_adapter(export_dir(dirs[stage]), backbone).eval()
         return cls(backbone, adapters)
 
     @property
@@ -191,7 +192,7 @@ def seen_users(fewshot_dir: Path) -> set[int]:
     """Users the trained models saw (fewshot's split "seen")."""
     from ppd_core.data.fewshot import SEEN
 
-    users = pq.read_table(Path(fewshot_dir) / "users.parquet", columns=["user_id", "split"])
+    users = read_fewshot(fewshot_dir, "users", columns=["user_id", "split"])
     return {
         int(u)
         for u, split in zip(

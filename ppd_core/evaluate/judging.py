@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ppd_core.config import PPDConfig
+from ppd_core.data.fewshot import read_fewshot
 from ppd_core.evaluate.judges import Judge, judge_agreement, load_judge
 from ppd_core.evaluate.winrates import per_user, win_rates
 from ppd_core.rewards.scorers import Reward
@@ -189,7 +189,7 @@ def agreement_table(
 
     e = cfg.evaluate
     evaluated = {u for u, (sid, _) in first.items() if sid in sets}
-    pairs = pq.read_table(Path(dirs["fewshot"]) / "eval_pairs.parquet").to_pylist()
+    pairs = read_fewshot(dirs["fewshot"], "eval_pairs").to_pylist()
     rows = [r for r in pairs if r["user_id"] in evaluated]
     rows = [
         rows[i] for i in sorted(np.random.default_rng(e.seed).permutation(len(rows))[: e.agreement_pairs])

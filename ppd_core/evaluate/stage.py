@@ -35,6 +35,7 @@ from PIL import Image
 
 from ppd_core.compared import COMPARED
 from ppd_core.config import PPDConfig
+from ppd_core.data.fewshot import read_fewshot
 from ppd_core.data.world_render import world_dir
 from ppd_core.errors import StageError
 from ppd_core.evaluate.generate import (
@@ -72,7 +73,7 @@ def select_requests(
     shot set. ``conditions``: user -> conditioning shot set id (users without one are skipped)."""
     e = cfg.evaluate
     rng = np.random.default_rng(e.seed)
-    pairs = pq.read_table(fewshot_dir / "eval_pairs.parquet").to_pylist()
+    pairs = read_fewshot(fewshot_dir, "eval_pairs").to_pylist()
     prompts: dict[tuple[str, int], list[str]] = {}
     for row in pairs:
         uid = int(row["user_id"])

@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from ppd_core.config import BETA_DPO_DEFAULTS, PPDConfig
+from ppd_core.data.fewshot import read_fewshot
 from ppd_core.embed.extract import read_embeddings
 from ppd_core.manifest import atomic_write_json
 from ppd_core.models.adapter import embedding_dropout
@@ -64,7 +64,7 @@ class TrainData:
 
     def __init__(self, spec: dict, trainer: str, device: torch.device):
         dirs = {k: Path(v) for k, v in spec["dirs"].items()}
-        pairs = pq.read_table(dirs["fewshot"] / "train_pairs.parquet")
+        pairs = read_fewshot(dirs["fewshot"], "train_pairs")
         self.pairs = pairs.to_pylist()
         if not self.pairs:
             raise RuntimeError("no training pairs")
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
         if loaded is not None:
             start, rng = loaded
             checkpoint.restore_rng(rng["global"])
-    eval_rows = pq.read_table(Path(spec["dirs"]["fewshot"]) / "eval_pairs.parquet").to_pylist()
+    eval_rows = read_fewshot(spec["dirs"]["fewshot"], "eval_pairs").to_pylist()
     eval_rows = [r for r in eval_rows if r["split"] == "seen" and r["user_id"] in data.user_first_set][
         : t.heldout_pairs
     ]
@@ -316,7 +316,7 @@ def _finish(cfg, spec, adapter, backbone, data: TrainData, run_dir: Path, step_t
     """Rank 0: export the adapter and write the run summary."""
     import pyarrow as pa
 
-    from ppd_core.models.export import export_adapter
+    from ppd_core.models.export import export_adapter, export_dir
 
     table, emb = read_embeddings(Path(spec["dirs"]["embed"]), spec["embedder"])
     users = pa.table(
@@ -332,7 +332,7 @@ def _finish(cfg, spec, adapter, backbone, data: TrainData, run_dir: Path, step_t
     export_adapter(
         adapter,
         backbone,
-        run_dir / "export",
+        export_dir(run_dir),
         cfg.model_dump(mode="json"),
         users,
         step=cfg.train.steps,
