@@ -55,6 +55,8 @@ def configure_prefect(root: Path) -> None:
         os.environ.setdefault("PREFECT_HOME", str(home))
     os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(home / "results")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # the temporary server's start is slow on a loaded machine (2 busy cores: > 20 s, Prefect's default)
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 

@@ -213,8 +213,19 @@ def evaluate_stage(
     stage1 = stage1_view(dirs.get("probe"), cfg.embed.default, cfg.train.shots_ceiling_embedder)
     summary = report.summarize(cfg, rates, agreement, monotone, skipped, requests, stage1)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    tables = {"win_rates": rates, "win_rates_per_user": per_user, "interpolation": interpolation}
-    report.write_report(cfg, out_dir, dirs, requests, images, summary, tables)
+    tables = {
+        "win_rates": rates,
+        "win_rates_per_user": per_user,
+        "interpolation": interpolation,
+        "judge_agreement": agreement,
+        "monotonicity": monotone,
+    }
+    primary_scores = (
+        {}
+        if primary is None
+        else {m: scores[(m, primary.name)] for m in models if (m, primary.name) in scores}
+    )
+    report.write_report(cfg, out_dir, dirs, requests, images, summary, tables, shot_sets, primary_scores)
     mark("interpolation_and_report")
     groups = dict(zip(users, requests.column("group").to_pylist(), strict=True))  # user -> seen | unseen
     return {
