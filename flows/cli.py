@@ -96,6 +96,29 @@ def configure_prefect(root: Path) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def start_embedded_api(root: Path) -> None:
+    """In the embedded mode, start Prefect's temporary API server now, holding the root's database lock
+    (:attr:`RunLayout.prefect_db_lock`) until it answers. The server creates or migrates
+    ``<root>/.prefect/prefect.db`` as it starts; two ``ppd`` commands starting together on a new root
+    would otherwise migrate it at once and one would crash (``duplicate column name``). The flow
+    then talks to this server (Prefect keeps one per process). Call after :func:`configure_prefect`."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    from ppd_core import locks
+    from ppd_core.layout import RunLayout
+
+    with locks.hold(
+        RunLayout(root).prefect_db_lock,
+        on_wait=lambda message: err.print(message, markup=False, highlight=False),
+        what="the run root's Prefect database (another ppd command is creating it)",
+    ):
+        SubprocessASGIServer().start()
+
+
 def _print_report(report: list[dict], root: str) -> None:
     table = Table(title="ppd run", show_lines=False)
     for col in ("stage", "state", "seconds", "output", "counts"):
@@ -172,6 +195,7 @@ def run(
         _fail(e)
     root_path = Path(cfg.run.root)
     configure_prefect(root_path)
+    start_embedded_api(root_path)
     from flows.data import data_flow  # imports prefect: after configure_prefect
 
     try:
@@ -248,6 +272,7 @@ def backfill(
     except PPDError as e:
         _fail(e)
     configure_prefect(Path(cfg.run.root))
+    start_embedded_api(Path(cfg.run.root))
     from flows.backfill import run_backfill  # imports prefect: after configure_prefect
 
     try:
@@ -271,6 +296,7 @@ def status(root: RootOpt, as_json: JsonOpt = False) -> None:
     if not root.is_dir():
         _fail(PPDError(f"{root}: no such run root"))
     configure_prefect(root)
+    start_embedded_api(root)
     from flows.status import collect_status  # imports prefect: after configure_prefect
 
     report = {

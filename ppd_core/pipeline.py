@@ -333,8 +333,12 @@ def execute(
     upstream: Mapping[str, Manifest],
     progress: Progress | None = None,
     map_fn: MapFn | None = None,
+    on_wait: Callable[[str], None] | None = None,
 ) -> StageOutcome:
-    """Run (or reuse) one planned stage. ``map_fn(fn, items)`` lets an orchestrator fan out shard work."""
+    """Run (or reuse) one planned stage. ``map_fn(fn, items)`` lets an orchestrator fan out shard work.
+
+    One process at a time computes a stage output (a lock beside its partial directory): a second
+    ``ppd run`` on the same root waits for it (``on_wait(message)`` says so once) and reuses it."""
     return run_stage(
         RunLayout(cfg.run.root),
         p.stage,
@@ -344,6 +348,7 @@ def execute(
         config=cfg.model_dump(mode="json"),
         upstream=p.upstream,
         resume=p.stage in RESUMABLE,
+        on_wait=on_wait,
     )
 
 
