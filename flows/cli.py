@@ -111,11 +111,17 @@ def start_embedded_api(root: Path) -> None:
     from ppd_core import locks
     from ppd_core.layout import RunLayout
 
-    with locks.hold(
-        RunLayout(root).prefect_db_lock,
-        on_wait=lambda message: err.print(message, markup=False, highlight=False),
-        what="the run root's Prefect database (another ppd command is creating it)",
-    ):
+    lock = RunLayout(root).prefect_db_lock
+
+    def waiting(_: str) -> None:
+        err.print(
+            f"another ppd command is opening (creating or migrating) this root's Prefect database; waiting ({lock})",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+
+    with locks.hold(lock, on_wait=waiting, what="the run root's Prefect database"):
         SubprocessASGIServer().start()
 
 
