@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,10 +18,16 @@ SMALL = ["--set", "world.num_users=24", "--set", "world.mean_pairs_per_user=30"]
 SMALL += ["--set", "encoder.steps=100", "--set", "encoder.basis_steps=200"]
 
 
-def ppd(*args, check=True, env=None):
+def ppd_env(env=None) -> dict[str, str]:
     full_env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **(env or {})}
     full_env.pop("PREFECT_API_URL", None)
-    proc = subprocess.run([PPD, *args], capture_output=True, text=True, cwd=REPO, env=full_env, timeout=600)
+    return full_env
+
+
+def ppd(*args, check=True, env=None):
+    proc = subprocess.run(
+        [PPD, *args], capture_output=True, text=True, cwd=REPO, env=ppd_env(env), timeout=600
+    )
     if check and proc.returncode != 0:
         raise AssertionError(
             f"ppd {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
@@ -107,6 +114,31 @@ def test_data_flow_caches_and_recomputes_only_what_changed(tmp_path):
     fourth = run_json("--root", root, *SMALL, "--set", "fewshot.seed=1", "--stages", "fewshot")
     assert [k for k, v in fourth.items() if not v["cached"]] == ["fewshot"]
     assert fourth["fewshot"]["output_dir"] != first["fewshot"]["output_dir"]
+
+
+def test_two_runs_on_one_root_compute_each_stage_once(tmp_path):
+    """Two ``ppd run`` started together on a new root: the Prefect database is created once (no migration
+    crash), each stage is computed by one of them and reused by the other, and both succeed."""
+    root = tmp_path / "run"
+    cmd = [PPD, "run", "--root", str(root), *SMALL, "--stages", "fewshot", "--json"]
+    procs = []
+    for delay in (0.0, 0.5):
+        time.sleep(delay)
+        procs.append(
+            subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=ppd_env()
+            )
+        )
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, stderr) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0 and "Traceback" not in stderr, stderr[-4000:]
+    reports = [{s["name"]: s for s in json.loads(stdout)["stages"]} for stdout, _ in outputs]
+    assert list(reports[0]) == list(reports[1]) == ["synthesize", "ingest", "relabel", "fewshot"]
+    for stage in reports[0]:
+        assert sorted(r[stage]["cached"] for r in reports) == [False, True], stage  # computed exactly once
+        assert reports[0][stage]["output_dir"] == reports[1][stage]["output_dir"]
+    hidden = [p.name for p in root.glob("*/.*") if not p.name.endswith(".lock")]
+    assert not hidden  # no partial or stale directory left
 
 
 def test_real_pickapic_source_ingests_and_caches(tmp_path):
