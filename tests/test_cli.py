@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from ppd_core.config import reference_markdown
+from tests.conftest import running
 
 REPO = Path(__file__).resolve().parents[1]
 PPD = str(Path(sys.executable).parent / "ppd")
@@ -160,3 +161,73 @@ def test_real_pickapic_source_ingests_and_caches(tmp_path):
     )
     second = run_json("--root", root, "--source", str(copy), "--stages", "ingest,fewshot")
     assert all(s["cached"] for s in second.values())
+
+
+TRAIN = [
+    *("--set", "world.num_users=16", "--set", "world.mean_pairs_per_user=30"),
+    *("--set", "embed.embedders=[{name: truth, kind: true_preference}]", "--set", "embed.default=truth"),
+    *("--set", "pretrain.steps=3", "--set", "pretrain.batch_size=16", "--set", "train.steps=12"),
+    *(
+        "--set",
+        "train.pairs_per_step=8",
+        "--set",
+        "train.checkpoint_every=3",
+        "--set",
+        "train.validate_every=3",
+    ),
+    *("--set", "train.log_every=1", "--stages", "train_ppd", "--json"),
+]
+
+
+def _training_processes(root: Path) -> list[int]:
+    """Pids of the launcher and ranks training under ``root`` (their command lines name its train spec)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if str(root) in cmdline and "train_spec.json" in cmdline:
+            found.append(proc.info["pid"])
+    return found
+
+
+@pytest.mark.slow  # about 3 minutes on 2 cores: the data stages, then training twice
+def test_kill_9_of_ppd_ends_training_and_the_rerun_logs_each_step_once(tmp_path):
+    """``kill -9`` of the ppd process group mid-training: the DeepSpeed launcher and ranks (their own session)
+    end too; the rerun resumes from the last checkpoint and commits logs with every step once."""
+    import signal
+
+    root = tmp_path / "run"
+    cmd = [PPD, "run", "--root", str(root), *TRAIN]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=REPO,
+        env=ppd_env(),
+        start_new_session=True,
+    )
+    deadline = time.time() + 480
+    while not list(root.glob("train_ppd/.*.partial/checkpoints/step-00000003/_COMPLETE")):
+        assert proc.poll() is None and time.time() < deadline, "training did not reach its first checkpoint"
+        time.sleep(0.2)
+    training = _training_processes(root)
+    assert training  # the launcher and the rank
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 30
+    while any(running(p) for p in training) and time.time() < deadline:
+        time.sleep(0.2)
+    survivors = [p for p in training if running(p)]
+    for p in survivors:
+        os.kill(p, signal.SIGKILL)
+    assert not survivors, "training outlived the killed ppd"
+
+    rerun = ppd("run", "--root", str(root), *TRAIN)
+    train = {s["name"]: s for s in json.loads(rerun.stdout)["stages"]}["train_ppd"]
+    out = Path(train["output_dir"])
+    assert not train["cached"] and (out / "manifest.json").is_file()
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))
+    validated = [json.loads(x)["step"] for x in (out / "validation.jsonl").read_text().splitlines()]
+    assert validated == [3, 6, 9, 12]

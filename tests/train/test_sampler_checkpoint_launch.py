@@ -7,7 +7,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ import torch
 from ppd_core.errors import StageError
 from ppd_core.train import checkpoint, launch
 from ppd_core.train.sampler import PairSampler
+from tests.conftest import running as _alive
 
 
 def test_sampler_is_a_pure_function_of_the_step():
@@ -173,15 +173,6 @@ def test_sigterm_to_the_caller_kills_the_whole_process_group(tmp_path):
     while _alive(grandchild) and time.time() < deadline:
         time.sleep(0.1)
     assert not _alive(grandchild)
-
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie waiting for its reaper counts as dead)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"
 
 
 def test_watchdog_tells_when_the_launching_process_is_gone():
