@@ -199,17 +199,15 @@ def test_kill_9_of_ppd_ends_training_and_the_rerun_logs_each_step_once(tmp_path)
 
     root = tmp_path / "run"
     cmd = [PPD, "run", "--root", str(root), *TRAIN]
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=REPO,
-        env=ppd_env(),
-        start_new_session=True,
-    )
+    log = tmp_path / "killed-ppd.log"
+    with open(log, "wb") as stderr:
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=stderr, cwd=REPO, env=ppd_env(), start_new_session=True
+        )
     deadline = time.time() + 480
     while not list(root.glob("train_ppd/.*.partial/checkpoints/step-00000003/_COMPLETE")):
-        assert proc.poll() is None and time.time() < deadline, "training did not reach its first checkpoint"
+        if proc.poll() is not None or time.time() > deadline:
+            pytest.fail(f"training did not reach its first checkpoint:\n{log.read_text()[-4000:]}")
         time.sleep(0.2)
     training = _training_processes(root)
     assert training  # the launcher and the rank
