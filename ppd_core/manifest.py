@@ -82,6 +82,28 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
+def truncate_jsonl(path: str | Path, step: int) -> int:
+    """Drop the lines of a JSONL log (one ``{"step": ...}`` object a line) logged after ``step``, and a line a
+    kill cut short, so that a run resumed from its step-``step`` checkpoint logs each step once. Returns how
+    many lines were dropped (the file is rewritten atomically only then)."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    kept = []
+    for line in lines:
+        try:
+            logged = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if logged <= step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        atomic_write_bytes(path, "".join(f"{line}\n" for line in kept).encode())
+    return len(lines) - len(kept)
+
+
 def load_manifest(directory: str | Path) -> Manifest | None:
     """The directory's manifest, or None if it is absent or unreadable."""
     path = Path(directory) / MANIFEST_NAME

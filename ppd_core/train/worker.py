@@ -33,7 +33,7 @@ import torch
 
 from ppd_core.config import BETA_DPO_DEFAULTS, PPDConfig
 from ppd_core.embed.extract import read_embeddings
-from ppd_core.manifest import atomic_write_bytes, atomic_write_json
+from ppd_core.manifest import atomic_write_json, truncate_jsonl
 from ppd_core.models.adapter import embedding_dropout
 from ppd_core.models.factory import load_backbone
 from ppd_core.train import checkpoint, launch
@@ -321,32 +321,12 @@ def main(argv: list[str] | None = None) -> None:
     barrier()
 
 
-def keep_steps_through(path: Path, last_step: int) -> int:
-    """Drop the lines of a JSONL log whose ``step`` is past ``last_step`` (and a torn last line); returns
-    how many were dropped."""
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        return 0
-    kept = []
-    for line in lines:
-        try:
-            step = json.loads(line)["step"]
-        except (ValueError, KeyError, TypeError):
-            continue  # a line cut short by a kill
-        if step <= last_step:
-            kept.append(line)
-    if len(kept) != len(lines):
-        atomic_write_bytes(path, "".join(f"{line}\n" for line in kept).encode())
-    return len(lines) - len(kept)
-
-
 def forget_after(run_dir: Path, start: int) -> dict:
     """Rank 0, before training from step ``start``: drop what an interrupted attempt logged past it, so a
     resumed run logs every step once. Returns the SummaryWriter options: from scratch the old event files
     are removed; on resume TensorBoard discards their events past ``start`` (``purge_step``)."""
     for name in ("metrics.jsonl", "validation.jsonl"):
-        keep_steps_through(run_dir / name, start)
+        truncate_jsonl(run_dir / name, start)
     if start == 0:
         shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
         return {}
