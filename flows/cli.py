@@ -26,7 +26,7 @@ import typer
 from rich.table import Table
 
 from flows.generate import generate_command
-from flows.options import ConfigOpt, SetOpt, _fail, _resolve, out
+from flows.options import ConfigOpt, SetOpt, _fail, _resolve, err, out
 from ppd_core.config import PPDConfig, config_to_yaml
 from ppd_core.errors import PPDError
 
@@ -58,6 +58,35 @@ def configure_prefect(root: Path) -> None:
     # the temporary server's start is slow on a loaded machine (2 busy cores: > 20 s, Prefect's default)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def start_embedded_api(root: Path) -> None:
+    """In the embedded mode, start Prefect's temporary API server now, holding the root's database lock
+    (:attr:`RunLayout.prefect_db_lock`) until it answers. The server creates or migrates
+    ``<root>/.prefect/prefect.db`` as it starts; two ``ppd`` commands starting together on a new root
+    would otherwise migrate it at once and one would crash (``duplicate column name``). The flow
+    then talks to this server (Prefect keeps one per process). Call after :func:`configure_prefect`."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    from ppd_core import locks
+    from ppd_core.layout import RunLayout
+
+    lock = RunLayout(root).prefect_db_lock
+
+    def waiting(_: str) -> None:
+        err.print(
+            f"another ppd command is opening (creating or migrating) this root's Prefect database; waiting ({lock})",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+
+    with locks.hold(lock, on_wait=waiting, what="the run root's Prefect database"):
+        SubprocessASGIServer().start()
 
 
 def _print_report(report: list[dict], root: str) -> None:
@@ -136,6 +165,7 @@ def run(
         _fail(e)
     root_path = Path(cfg.run.root)
     configure_prefect(root_path)
+    start_embedded_api(root_path)
     from flows.pipeline import pipeline_flow  # imports prefect: after configure_prefect
 
     try:
@@ -212,6 +242,7 @@ def backfill(
     except PPDError as e:
         _fail(e)
     configure_prefect(Path(cfg.run.root))
+    start_embedded_api(Path(cfg.run.root))
     from flows.backfill import run_backfill  # imports prefect: after configure_prefect
 
     try:
@@ -235,6 +266,7 @@ def status(root: RootOpt, as_json: JsonOpt = False) -> None:
     if not root.is_dir():
         _fail(PPDError(f"{root}: no such run root"))
     configure_prefect(root)
+    start_embedded_api(root)
     from flows.status import collect_status  # imports prefect: after configure_prefect
 
     report = {

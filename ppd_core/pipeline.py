@@ -15,7 +15,7 @@ those files (path, size, version token), so new or changed source files re-inges
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,8 +106,12 @@ def execute(
     upstream: Mapping[str, Manifest],
     progress: Progress | None = None,
     map_fn: MapFn | None = None,
+    on_wait: Callable[[str], None] | None = None,
 ) -> StageOutcome:
-    """Run (or reuse) one planned stage. ``map_fn(fn, items)`` lets an orchestrator fan out shard work."""
+    """Run (or reuse) one planned stage. ``map_fn(fn, items)`` lets an orchestrator fan out shard work.
+
+    One process at a time computes a stage output (a lock beside its partial directory): a second
+    ``ppd run`` on the same root waits for it (``on_wait(message)`` says so once) and reuses it."""
     spec = stage(p.stage)
     layout = RunLayout(cfg.run.root)
     dirs = {u: layout.stage_dir(u, m.fingerprint) for u, m in upstream.items()}
@@ -121,6 +125,7 @@ def execute(
         config=cfg.model_dump(mode="json"),
         upstream=p.upstream,
         resume=spec.resumable,
+        on_wait=on_wait,
     )
 
 

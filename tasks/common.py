@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import CachePolicy
 
@@ -91,7 +92,9 @@ def run_stage_body(
             raise StageError(f"{plan.stage}: the {name} output changed after {plan.stage} was planned")
         manifests[name] = m
     t0 = time.perf_counter()
-    outcome = pipeline.execute(config, plan, manifests, progress=progress, map_fn=map_fn)
+    # a second run on the root waits here while another process computes this output, then reuses it
+    on_wait = get_run_logger().info
+    outcome = pipeline.execute(config, plan, manifests, progress=progress, map_fn=map_fn, on_wait=on_wait)
     return {
         "stage": plan.stage,
         "directory": str(outcome.directory),

@@ -43,7 +43,7 @@ from ppd_core.embed.encoder_model import PreferenceEncoder
 from ppd_core.embed.features import FeatureTable, load_feature_source, write_feature_shards
 from ppd_core.embed.probe import single_thread
 from ppd_core.errors import StageError
-from ppd_core.manifest import atomic_write_bytes, atomic_write_json
+from ppd_core.manifest import atomic_write_bytes, atomic_write_json, truncate_jsonl
 
 Progress = Callable[[int, int], None]
 CHECKPOINTS = "checkpoints"
@@ -128,13 +128,6 @@ def _save_checkpoint(out_dir: Path, step: int, state: dict) -> None:
     atomic_write_bytes(out_dir / CHECKPOINTS / f"step-{step:08d}.pt", buf.getvalue())
     for old in _checkpoints(out_dir)[:-KEEP_CHECKPOINTS]:
         old.unlink(missing_ok=True)
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop lines logged after ``step`` (a killed run's tail), so a resumed log has each step once."""
-    if path.is_file():
-        kept = [x for x in path.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= step]
-        atomic_write_bytes(path, "".join(x + "\n" for x in kept).encode())
 
 
 # ------------------------------------------------------------------------------------- training
@@ -260,7 +253,7 @@ def train_encoder(
         start, best, basis_info = int(state["step"]), json.loads(state["best"]), json.loads(state["basis"])
         best_state = state["best_model"]
         for path in (metrics_path, val_path):
-            _truncate_log(path, start)
+            truncate_jsonl(path, start)
     else:
         users_of_pairs = np.concatenate(
             [np.column_stack([np.full(len(p), i), p]) for i, p in enumerate(train_pairs)]

@@ -9,7 +9,12 @@ timestep per pair shared by both images, user tokens from the pair's conditionin
 from one constant embedding (dpo, sft), user-embedding dropout to the null user, the policy and
 reference per-sample MSE, the loss, ``engine.backward``/``engine.step``. Noise, timesteps and dropout
 come from a generator seeded by (seed, step, rank), and the pair order is a pure function of the
-step, so ``resume: latest`` after ``kill -9`` continues exactly.
+step, so ``resume: latest`` after ``kill -9`` continues exactly: rank 0 first drops what the killed attempt
+logged after the resumed checkpoint (``metrics.jsonl`` and ``validation.jsonl`` lines past its step,
+TensorBoard events through ``purge_step``), so every step is in the logs once.
+
+A rank ends itself when the process that launched training is gone (:func:`launch.exit_with_parent`), and
+holds the run's ranks lock while it runs (:func:`launch.hold_as_rank`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -27,10 +33,10 @@ import torch
 from ppd_core.config import BETA_DPO_DEFAULTS, PPDConfig
 from ppd_core.data.fewshot import read_fewshot
 from ppd_core.embed.extract import read_embeddings
-from ppd_core.manifest import atomic_write_json
+from ppd_core.manifest import atomic_write_json, truncate_jsonl
 from ppd_core.models.adapter import embedding_dropout
 from ppd_core.models.factory import load_backbone
-from ppd_core.train import checkpoint
+from ppd_core.train import checkpoint, launch
 from ppd_core.train.cache import LatentCache
 from ppd_core.train.losses import diffusion_dpo_loss, per_sample_mse, sft_loss
 from ppd_core.train.sampler import PairSampler
@@ -185,7 +191,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--spec", required=True, type=Path)
     ap.add_argument("--local_rank", type=int, default=None)  # passed by the deepspeed launcher
     args = ap.parse_args(argv)
+    launch.exit_with_parent()
     spec = json.loads(args.spec.read_text())
+    if spec.get("ranks_lock"):
+        launch.hold_as_rank(Path(spec["ranks_lock"]))
     cfg = PPDConfig.model_validate(spec["config"])
     trainer, run_dir = spec["trainer"], Path(spec["run_dir"])
 
@@ -247,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
         from tqdm.auto import tqdm
 
-        writer = SummaryWriter(str(run_dir / "tensorboard"))
+        writer = SummaryWriter(str(run_dir / "tensorboard"), **forget_after(run_dir, start))
         bar = tqdm(
             total=t.steps, initial=start, desc=f"train {trainer}", unit="step", disable=None, mininterval=1.0
         )
@@ -310,6 +319,18 @@ def main(argv: list[str] | None = None) -> None:
         writer.close()
         _finish(cfg, spec, engine.module, backbone, data, run_dir, step_times, data_times)
     barrier()
+
+
+def forget_after(run_dir: Path, start: int) -> dict:
+    """Rank 0, before training from step ``start``: drop what an interrupted attempt logged past it, so a
+    resumed run logs every step once. Returns the SummaryWriter options: from scratch the old event files
+    are removed; on resume TensorBoard discards their events past ``start`` (``purge_step``)."""
+    for name in ("metrics.jsonl", "validation.jsonl"):
+        truncate_jsonl(run_dir / name, start)
+    if start == 0:
+        shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+        return {}
+    return {"purge_step": start + 1}  # steps 1..start were logged before the checkpoint at start
 
 
 def _finish(cfg, spec, adapter, backbone, data: TrainData, run_dir: Path, step_times, data_times) -> None:

@@ -135,7 +135,9 @@ def test_report_is_written_for_people(evaluated):
     requests = pq.read_table(out / "requests.parquet").to_pylist()
     models = set(pq.read_table(out / "images.parquet").column("model").to_pylist())
     shown = [m for m in ("base", "ppd", "ppd_shots", "ppd_true") if m in models]
-    panels = re.findall(r'<section class="panel" data-user="(\d+)" data-group="(\w+)">(.*?)</section>', text, re.S)
+    panels = re.findall(
+        r'<section class="panel" data-user="(\d+)" data-group="(\w+)">(.*?)</section>', text, re.S
+    )
     assert {g for _, g, _ in panels} == {"seen", "unseen"} and len(panels) == 4
     for user, _, body in panels:
         prompts = [r for r in requests if r["user_id"] == int(user) and r["seed"] == 0][:4]
@@ -144,7 +146,9 @@ def test_report_is_written_for_people(evaluated):
         assert body.count('<span class="r">') == len(shown) * len(prompts)  # the oracle's reward under each
 
     folded = re.findall(r'<details class="fold"><summary>(.*?)</summary>', text, re.S)
-    assert any("Per-user win rates" in f for f in folded) and any("Win rates, all judges" in f for f in folded)
+    assert any("Per-user win rates" in f for f in folded) and any(
+        "Win rates, all judges" in f for f in folded
+    )
     links = [html_lib.unescape(h) for h in re.findall(r'<a href="([^"]+)"', text)]
     assert "tables/win_rates_per_user.csv" in links and "win_rates_per_user.parquet" in links
     for link in links:
