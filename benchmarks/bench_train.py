@@ -3,7 +3,7 @@
 Ours: x0 and text states from the latent cache, the DPO reference is the same network with the user
 branch off. Reference-style (the Diffusion-DPO scripts' shape): every step decodes the JPEGs,
 re-encodes images (VAE for SD) and captions, and runs a second, deep-copied reference UNet.
-Both run the identical objective (ppd_core.train.worker.pair_losses) on the same pairs, noise and
+Both run the identical objective (ppd_core.train.objectives: the ppd objective) on the same pairs, noise and
 timesteps. Backbones: the toy pixel model and a tiny SD 1.x checkpoint (VAE + CLIP in the loop).
 Also reported: peak RSS, and the share of step time spent outside the model (data loading).
 Writes benchmarks/results/train.json.
@@ -31,7 +31,8 @@ from ppd_core.manifest import atomic_write_json
 from ppd_core.models.factory import load_backbone
 from ppd_core.train.cache import cache_latents
 from ppd_core.train.losses import diffusion_dpo_loss, per_sample_mse
-from ppd_core.train.worker import TrainData, pair_losses
+from ppd_core.train.objectives import OBJECTIVES
+from ppd_core.train.worker import TrainData
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train.json"
 
@@ -50,7 +51,7 @@ def measure(backbone, dirs: dict, cache_dir: Path, steps: int, pairs: int, beta:
         "embedder": "truth",
     }
     device = torch.device("cpu")
-    data = TrainData(spec, "ppd", device)
+    data = TrainData(spec, OBJECTIVES["ppd"], device)
     reference_unet = copy.deepcopy(backbone.denoiser).requires_grad_(
         False
     )  # the reference-style second model
@@ -65,7 +66,7 @@ def measure(backbone, dirs: dict, cache_dir: Path, steps: int, pairs: int, beta:
         t0 = time.perf_counter()
         x0, text, emb = data.batch(idx)
         t1 = time.perf_counter()
-        loss, _ = pair_losses(backbone, adapter, "ppd", x0, text, emb, beta, g, 0.0, 1.0)
+        loss, _ = OBJECTIVES["ppd"].loss(backbone, adapter, x0, text, emb, beta, g, 0.0, 1.0)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -101,7 +101,8 @@ def main() -> None:
 
     from ppd_core.config import load_config
     from ppd_core.models.factory import load_backbone
-    from ppd_core.train.worker import ds_config, pair_losses
+    from ppd_core.train.objectives import OBJECTIVES
+    from ppd_core.train.worker import ds_config
 
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     device = torch.device("cuda:0" if cuda else "cpu")
@@ -154,10 +155,9 @@ def main() -> None:
 
     def step(i: int) -> float:
         gen = torch.Generator(device=device).manual_seed(i)
-        loss, m = pair_losses(
+        loss, m = OBJECTIVES["ppd"].loss(
             backbone,
             engine.module,
-            "ppd",
             x0,
             text,
             emb.to(next(engine.module.parameters()).dtype),

@@ -25,6 +25,7 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +35,10 @@ from ppd_core.config import BETA_DPO_DEFAULTS, PPDConfig
 from ppd_core.data.fewshot import read_fewshot
 from ppd_core.embed.extract import read_embeddings
 from ppd_core.manifest import atomic_write_json, truncate_jsonl
-from ppd_core.models.adapter import embedding_dropout
 from ppd_core.models.factory import load_backbone
 from ppd_core.train import checkpoint, launch
 from ppd_core.train.cache import LatentCache
-from ppd_core.train.losses import diffusion_dpo_loss, per_sample_mse, sft_loss
+from ppd_core.train.objectives import OBJECTIVES, Objective
 from ppd_core.train.sampler import PairSampler
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,7 +68,7 @@ def ds_config(cfg: PPDConfig, pairs_per_rank: int) -> dict:
 class TrainData:
     """Training pairs with their x0, text states and conditioning embeddings."""
 
-    def __init__(self, spec: dict, trainer: str, device: torch.device):
+    def __init__(self, spec: dict, objective: Objective, device: torch.device):
         dirs = {k: Path(v) for k, v in spec["dirs"].items()}
         pairs = read_fewshot(dirs["fewshot"], "train_pairs")
         self.pairs = pairs.to_pylist()
@@ -84,12 +84,13 @@ class TrainData:
             table.column("shot_set_id").to_pylist(), table.column("user_id").to_pylist(), strict=True
         ):
             self.user_first_set.setdefault(uid, sid)
-        self.trainer = trainer
+        self.objective = objective
         self.device = device
 
     def condition(self, rows: list[dict], shot_set_ids: list[str] | None = None) -> torch.Tensor:
-        """(P, *embedding_shape): the conditioning shot set's embedding (ppd) or the constant zero embedding."""
-        if self.trainer != "ppd":
+        """(P, *embedding_shape): the conditioning shot set's embedding, or the constant zero embedding for an
+        objective that does not read the user."""
+        if not self.objective.conditioned:
             return torch.zeros((len(rows), *self.embedding_shape), device=self.device)
         ids = shot_set_ids or [r["shot_set_id"] for r in rows]
         return self.embeddings[torch.as_tensor([self.by_set[s] for s in ids], device=self.device)]
@@ -103,34 +104,8 @@ class TrainData:
         return x0, text, self.condition(rows)
 
 
-def pair_losses(backbone, adapter, trainer, x0, text, emb, beta, generator, dropout, scale):
-    """One forward of the objective on P pairs; returns (loss, metrics)."""
-    p = emb.shape[0]
-    noise = torch.randn((p, *x0.shape[1:]), generator=generator, device=x0.device).repeat(
-        2, 1, 1, 1
-    )  # shared per pair
-    t = backbone.sample_timesteps(p, generator=generator)
-    t = t.repeat(2) if t.ndim == 1 else t.repeat(2, *([1] * (t.ndim - 1)))
-    null = embedding_dropout(p, dropout, generator=generator).to(x0.device)
-    x_t = backbone.add_noise(x0, noise, t)
-    target = backbone.target(x0, noise, t)
-    if trainer == "sft":  # winners only
-        tokens, user_scale = adapter.condition(emb, scale, null)
-        pred = backbone.denoise(x_t[:p], t[:p], text[:p], tokens, user_scale)
-        loss = sft_loss(per_sample_mse(pred, target[:p]))
-        return loss, {"loss": float(loss.detach())}
-    tokens, user_scale = adapter.condition(emb.repeat(2, *([1] * (emb.ndim - 1))), scale, null.repeat(2))
-    model_mse = per_sample_mse(backbone.denoise(x_t, t, text, tokens, user_scale), target)
-    with torch.no_grad():
-        ref_mse = per_sample_mse(backbone.denoise(x_t, t, text), target)  # same network, branch off
-    out = diffusion_dpo_loss(model_mse, ref_mse, beta)
-    return out.loss, out.metrics()
-
-
 @torch.no_grad()
-def heldout_accuracy(
-    backbone, adapter, data: TrainData, eval_rows: list[dict], trainer, beta, seed, scale
-) -> float:
+def heldout_accuracy(backbone, adapter, data: TrainData, eval_rows: list[dict], beta, seed, scale) -> float:
     """Implicit accuracy on held-out pairs of seen users, fixed noise and timesteps (comparable across steps)."""
     if not eval_rows:
         return float("nan")
@@ -139,10 +114,7 @@ def heldout_accuracy(
     text = data.cache.get("text", [r["caption"] for r in eval_rows] * 2)
     sets = [data.user_first_set[r["user_id"]] for r in eval_rows]
     emb = data.condition(eval_rows, sets)
-    _, metrics = pair_losses(
-        backbone, adapter, "ppd" if trainer == "sft" else trainer, x0, text, emb, beta, g, 0.0, scale
-    )
-    return metrics["implicit_acc"]
+    return data.objective.heldout(backbone, adapter, x0, text, emb, beta, g, scale)["implicit_acc"]
 
 
 @torch.no_grad()
@@ -184,6 +156,93 @@ def validation_grid(
         writer.add_image(f"validation/{label}", np.concatenate(list(row), axis=1), step, dataformats="HWC")
 
 
+@dataclass(frozen=True)
+class Rank:
+    """This process's place in the job."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    def barrier(self) -> None:
+        torch.distributed.barrier()
+
+
+def join_job() -> Rank:
+    """Initialise the process group (gloo on CPU, nccl on GPU) and pick this rank's device and threads."""
+    import deepspeed
+
+    cuda = torch.cuda.is_available()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if not cuda:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return Rank(torch.distributed.get_rank(), world, device)
+
+
+def build(cfg: PPDConfig, spec: dict, objective: Objective, device: torch.device):
+    """The frozen backbone, the training data and a fresh adapter installed on the backbone."""
+    dirs = spec["dirs"]
+    backbone = load_backbone(cfg.backbone, Path(dirs["pretrain"]) if dirs.get("pretrain") else None, device)
+    for module in backbone.networks().values() if hasattr(backbone, "networks") else [backbone.denoiser]:
+        module.requires_grad_(False).eval()
+    data = TrainData(spec, objective, device)
+    adapter = backbone.new_adapter(
+        data.embedding_shape, num_tokens=cfg.adapter.num_tokens, rows=cfg.adapter.rows, seed=cfg.train.seed
+    )
+    backbone.install_adapter(adapter)
+    return backbone, data, adapter
+
+
+class RunLog:
+    """Rank 0's record of a run: metrics.jsonl, validation.jsonl, TensorBoard and the progress bar. Other
+    ranks get an inactive one (every method does nothing)."""
+
+    def __init__(self, run_dir: Path, rank: int, start: int, steps: int, label: str):
+        self.run_dir, self.active = run_dir, rank == 0
+        self.writer = self.bar = None
+        if self.active:
+            from torch.utils.tensorboard import SummaryWriter
+            from tqdm.auto import tqdm
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), **forget_after(run_dir, start))
+            self.bar = tqdm(
+                total=steps, initial=start, desc=label, unit="step", disable=None, mininterval=1.0
+            )
+
+    def metrics(self, step: int, line: dict) -> None:
+        if not self.active:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **line}) + "\n")
+        for k, v in line.items():
+            if isinstance(v, float) and math.isfinite(v):
+                self.writer.add_scalar(f"train/{k}", v, step)
+        self.bar.set_postfix(loss=f"{line['loss']:.4f}", acc=f"{line.get('implicit_acc', float('nan')):.2f}")
+
+    def validation(self, step: int, heldout_acc: float) -> None:
+        if not self.active:
+            return
+        with open(self.run_dir / "validation.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "heldout_implicit_acc": heldout_acc}) + "\n")
+        if math.isfinite(heldout_acc):
+            self.writer.add_scalar("val/heldout_implicit_acc", heldout_acc, step)
+
+    def advance(self) -> None:
+        if self.active:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.active:
+            self.bar.close()
+            self.writer.close()
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         description="PPD training rank (started by the deepspeed launcher or torchrun)"
@@ -196,70 +255,41 @@ def main(argv: list[str] | None = None) -> None:
     if spec.get("ranks_lock"):
         launch.hold_as_rank(Path(spec["ranks_lock"]))
     cfg = PPDConfig.model_validate(spec["config"])
-    trainer, run_dir = spec["trainer"], Path(spec["run_dir"])
+    objective, run_dir = OBJECTIVES[spec["trainer"]], Path(spec["run_dir"])
 
     import deepspeed
 
-    cuda = torch.cuda.is_available()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    if not cuda:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    rank = torch.distributed.get_rank()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-
-    def barrier() -> None:
-        torch.distributed.barrier()
-
-    t = cfg.train
-    pairs_per_rank = t.pairs_per_step // world
-    backbone = load_backbone(
-        cfg.backbone, Path(spec["dirs"]["pretrain"]) if spec["dirs"].get("pretrain") else None, device
-    )
-    for module in backbone.networks().values() if hasattr(backbone, "networks") else [backbone.denoiser]:
-        module.requires_grad_(False).eval()
-    data = TrainData(spec, trainer, device)
-    adapter = backbone.new_adapter(
-        data.embedding_shape,
-        num_tokens=cfg.adapter.num_tokens,
-        rows=cfg.adapter.rows,
-        seed=t.seed,
-    )
-    backbone.install_adapter(adapter)
+    me = join_job()
+    backbone, data, adapter = build(cfg, spec, objective, me.device)
     engine, _, _, _ = deepspeed.initialize(
         model=adapter,
-        model_parameters=[p for p in adapter.parameters()],
-        config=ds_config(cfg, pairs_per_rank),
+        model_parameters=list(adapter.parameters()),
+        config=ds_config(cfg, cfg.train.pairs_per_step // me.world),
     )
-    beta = t.beta_dpo if t.beta_dpo is not None else BETA_DPO_DEFAULTS[cfg.backbone.kind]
-    sampler = PairSampler(len(data.pairs), t.pairs_per_step, t.seed, rank, world)
-    ckpt_dir = run_dir / "checkpoints"
     start = 0
-    if t.resume == "latest":
-        loaded = checkpoint.load(engine, ckpt_dir, rank)
+    if cfg.train.resume == "latest":
+        loaded = checkpoint.load(engine, run_dir / "checkpoints", me.rank)
         if loaded is not None:
             start, rng = loaded
             checkpoint.restore_rng(rng["global"])
+    step_times, data_times = train(cfg, spec, me, backbone, data, engine, start, run_dir)
+    if me.rank == 0:
+        _finish(cfg, spec, engine.module, backbone, data, run_dir, step_times, data_times)
+    me.barrier()
+
+
+def train(cfg, spec, me: Rank, backbone, data: TrainData, engine, start: int, run_dir: Path):
+    """Steps ``start`` .. ``train.steps``: the objective's loss, logging, validation and checkpoints;
+    returns the step and data-loading times."""
+    t = cfg.train
+    beta = t.beta_dpo if t.beta_dpo is not None else BETA_DPO_DEFAULTS[cfg.backbone.kind]
+    sampler = PairSampler(len(data.pairs), t.pairs_per_step, t.seed, me.rank, me.world)
     eval_rows = read_fewshot(spec["dirs"]["fewshot"], "eval_pairs").to_pylist()
     eval_rows = [r for r in eval_rows if r["split"] == "seen" and r["user_id"] in data.user_first_set][
         : t.heldout_pairs
     ]
-
-    metrics_path = run_dir / "metrics.jsonl"
-    writer = None
-    bar = None
-    if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-        from tqdm.auto import tqdm
-
-        writer = SummaryWriter(str(run_dir / "tensorboard"), **forget_after(run_dir, start))
-        bar = tqdm(
-            total=t.steps, initial=start, desc=f"train {trainer}", unit="step", disable=None, mininterval=1.0
-        )
+    log = RunLog(run_dir, me.rank, start, t.steps, f"train {data.objective.name}")
+    adapter = engine.module
     adapter.train()
     step_times: list[float] = []
     data_times: list[float] = []
@@ -267,58 +297,30 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         x0, text, emb = data.batch(sampler.batch(step))
         t1 = time.perf_counter()
-        g = torch.Generator(device=device).manual_seed(int(t.seed * 1_000_003 + step * 1009 + rank))
-        loss, m = pair_losses(
-            backbone,
-            engine.module,
-            trainer,
-            x0,
-            text,
-            emb,
-            beta,
-            g,
-            cfg.adapter.embedding_dropout,
-            cfg.adapter.scale,
+        g = torch.Generator(device=me.device).manual_seed(int(t.seed * 1_000_003 + step * 1009 + me.rank))
+        loss, m = data.objective.loss(
+            backbone, adapter, x0, text, emb, beta, g, cfg.adapter.embedding_dropout, cfg.adapter.scale
         )
         engine.backward(loss)
         engine.step()
         step_times.append(time.perf_counter() - t0)
         data_times.append(t1 - t0)
         done = step + 1
-        if rank == 0 and (done % t.log_every == 0 or done == t.steps):
-            line = {
-                "step": done,
-                "lr": engine.get_lr()[0],
-                **m,
-                "step_s": float(np.mean(step_times[-t.log_every :])),
-            }
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(line) + "\n")
-            for k, v in line.items():
-                if k != "step" and isinstance(v, float) and math.isfinite(v):
-                    writer.add_scalar(f"train/{k}", v, done)
-            bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m.get('implicit_acc', float('nan')):.2f}")
+        if done % t.log_every == 0 or done == t.steps:
+            step_s = float(np.mean(step_times[-t.log_every :]))
+            log.metrics(done, {"lr": engine.get_lr()[0], **m, "step_s": step_s})
         if done % t.validate_every == 0 or done == t.steps:
-            engine.module.eval()
-            acc = heldout_accuracy(
-                backbone, engine.module, data, eval_rows, trainer, beta, t.seed, cfg.adapter.scale
-            )
-            engine.module.train()
-            if rank == 0:
-                with open(run_dir / "validation.jsonl", "a") as f:
-                    f.write(json.dumps({"step": done, "heldout_implicit_acc": acc}) + "\n")
-                if math.isfinite(acc):
-                    writer.add_scalar("val/heldout_implicit_acc", acc, done)
-                validation_grid(backbone, engine.module, data, eval_rows, cfg, done, run_dir, writer)
+            adapter.eval()
+            acc = heldout_accuracy(backbone, adapter, data, eval_rows, beta, t.seed, cfg.adapter.scale)
+            adapter.train()
+            log.validation(done, acc)
+            if log.active:
+                validation_grid(backbone, adapter, data, eval_rows, cfg, done, run_dir, log.writer)
         if done % t.checkpoint_every == 0 or done == t.steps:
-            checkpoint.save(engine, ckpt_dir, done, rank, barrier, t.keep_checkpoints)
-        if bar is not None:
-            bar.update(1)
-    if rank == 0:
-        bar.close()
-        writer.close()
-        _finish(cfg, spec, engine.module, backbone, data, run_dir, step_times, data_times)
-    barrier()
+            checkpoint.save(engine, run_dir / "checkpoints", done, me.rank, me.barrier, t.keep_checkpoints)
+        log.advance()
+    log.close()
+    return step_times, data_times
 
 
 def forget_after(run_dir: Path, start: int) -> dict:

@@ -485,7 +485,7 @@ def test_encode_images_gives_stage_c_latents_as_train_c_does(small, tiny_dir):
 
 
 def test_cache_latents_on_the_tiny_cascade_then_the_first_dpo_loss_is_ln2(small, tmp_path):
-    from ppd_core.train.worker import pair_losses
+    from ppd_core.train.objectives import OBJECTIVES
 
     uids = [f"img-{i}" for i in range(6)]
     with ImageShardWriter(tmp_path / "ingest" / "images", 100) as writer:
@@ -518,7 +518,7 @@ def test_cache_latents_on_the_tiny_cascade_then_the_first_dpo_loss_is_ln2(small,
 
     def first_loss():
         g = torch.Generator().manual_seed(0)
-        return pair_losses(bb, adapter, "ppd", x0, text, emb, 2500.0, g, 0.0, 1.0)
+        return OBJECTIVES["ppd"].loss(bb, adapter, x0, text, emb, 2500.0, g, 0.0, 1.0)
 
     loss, metrics = first_loss()  # gates 0: policy == reference
     assert loss.item() == pytest.approx(math.log(2), abs=1e-7) and metrics["implicit_acc"] == 0.5

@@ -15,8 +15,9 @@ from ppd_core import pipeline
 from ppd_core.config import load_config
 from ppd_core.models.factory import load_backbone
 from ppd_core.train import launch
+from ppd_core.train.objectives import OBJECTIVES
 from ppd_core.train.stage import train_stage
-from ppd_core.train.worker import TrainData, pair_losses
+from ppd_core.train.worker import TrainData
 
 BASE = [
     "world.num_users=16",
@@ -51,7 +52,7 @@ def test_first_dpo_loss_is_ln2_and_only_the_adapter_learns(prepared):
     backbone = load_backbone(cfg.backbone, dirs["pretrain"])
     frozen = {k: v.clone() for k, v in backbone.denoiser.state_dict().items()}
     spec = {"dirs": {k: str(v) for k, v in _spec_dirs(dirs).items()}, "embedder": "truth"}
-    data = TrainData(spec, "ppd", torch.device("cpu"))
+    data = TrainData(spec, OBJECTIVES["ppd"], torch.device("cpu"))
     adapter = backbone.new_adapter(data.embedding_shape, num_tokens=4)
     backbone.install_adapter(adapter)
     before = {k: v.clone() for k, v in adapter.state_dict().items()}
@@ -59,7 +60,7 @@ def test_first_dpo_loss_is_ln2_and_only_the_adapter_learns(prepared):
     for step in range(3):
         x0, text, emb = data.batch(list(range(step * 8, step * 8 + 8)))
         g = torch.Generator().manual_seed(step)
-        loss, metrics = pair_losses(backbone, adapter, "ppd", x0, text, emb, 100.0, g, 0.0, 1.0)
+        loss, metrics = OBJECTIVES["ppd"].loss(backbone, adapter, x0, text, emb, 100.0, g, 0.0, 1.0)
         if step == 0:  # zero gates: policy == reference
             assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
             assert metrics["implicit_acc"] == 0.5
