@@ -78,7 +78,9 @@ def _print_report(report: list[dict], root: str) -> None:
         )
     out.print(table)
     out.print(
-        f"Outputs are under {root} (each stage: <root>/<stage>/<fingerprint>/manifest.json).", markup=False
+        f"Outputs are under {root} (each stage: <root>/<stage>/<fingerprint>/manifest.json).",
+        markup=False,
+        soft_wrap=True,
     )
     for r in report:
         if r["name"] == "evaluate" and r["counts"].get("report"):
