@@ -28,6 +28,7 @@ from rich.table import Table
 from flows.generate import generate_command
 from flows.options import ConfigOpt, SetOpt, _fail, _resolve, err, out
 from ppd_core.config import PPDConfig, config_to_yaml
+from ppd_core.console import quiet_handlers, quiet_libraries
 from ppd_core.errors import PPDError
 
 app = typer.Typer(
@@ -90,26 +91,51 @@ def start_embedded_api(root: Path) -> None:
 
 
 def _print_report(report: list[dict], root: str) -> None:
+    """The run's story: one line per stage (computed or cached, seconds, the one count that matters), then
+    where the outputs and the report are, and the report's headline in words."""
+    from ppd_core import pipeline
+
     table = Table(title="ppd run", show_lines=False)
-    for col in ("stage", "state", "seconds", "output", "counts"):
+    for col in ("stage", "state", "seconds", "result"):
         table.add_column(col, overflow="fold")
     for r in report:
-        counts = r["counts"]
-        brief = ", ".join(
-            f"{k}={v}" for k, v in counts.items() if isinstance(v, int | float) and not isinstance(v, bool)
-        )
         table.add_row(
             r["name"],
             "cached" if r["cached"] else "computed",
             f"{r['seconds']:.1f}",
-            r["output_dir"],
-            brief[:200],
+            pipeline.stage(r["name"]).describe(r["counts"]),
         )
     out.print(table)
-    out.print(f"Outputs are under [bold]{root}[/] (each stage: <root>/<stage>/<fingerprint>/manifest.json).")
+    out.print(
+        f"Outputs are under {root} (each stage: <root>/<stage>/<fingerprint>/manifest.json).",
+        markup=False,
+        soft_wrap=True,
+    )
     for r in report:
         if r["name"] == "evaluate" and r["counts"].get("report"):
-            out.print(f"Report: [bold]{Path(r['output_dir']) / r['counts']['report']}[/]")
+            directory = Path(r["output_dir"])
+            out.print(
+                f"Report: {directory / r['counts']['report']}", markup=False, style="bold", soft_wrap=True
+            )
+            _print_headline(directory)
+
+
+def _print_headline(evaluate_dir: Path) -> None:
+    """The report's first screen, in the console: the headline sentences and how many targets were met."""
+    from ppd_core.evaluate.report import headline_sentences
+
+    try:
+        summary = json.loads((evaluate_dir / "summary.json").read_text())
+        shots = json.loads((evaluate_dir / "manifest.json").read_text())["config"]["fewshot"]["shots"]
+    except (OSError, KeyError, ValueError):
+        return
+    for sentence in headline_sentences(summary["headline"], shots):
+        out.print(sentence, markup=False, highlight=False, soft_wrap=True)
+    decided = [t for t in summary["targets"] if t["met"] is not None]
+    missed = [t["target"] for t in decided if not t["met"]]
+    out.print(f"Targets met: {len(decided) - len(missed)} of {len(decided)}.", markup=False)
+    for target in missed:
+        out.print(f"  not met: {target}", markup=False, highlight=False)
 
 
 @app.command()
@@ -167,6 +193,8 @@ def run(
     configure_prefect(root_path)
     start_embedded_api(root_path)
     from flows.pipeline import pipeline_flow  # imports prefect: after configure_prefect
+
+    quiet_handlers()
 
     try:
         report = pipeline_flow(cfg, stage_list)
@@ -408,6 +436,12 @@ def config_reference(
 
 
 app.command(name="generate")(generate_command)
+
+
+@app.callback()
+def _quiet() -> None:
+    """Before any command: silence library notices that mean nothing to a user (ppd_core.console)."""
+    quiet_libraries()
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -44,8 +44,13 @@ def pipeline_flow(config: PPDConfig, stages: list[str] | None = None) -> list[di
         result = state.result()
         cached = state.name == "Cached" or bool(result.get("reused"))
         seconds = round(time.perf_counter() - t0, 3)
+        brief = pipeline.stage(stage).describe(result["counts"])
         logger.info(
-            "%s: %s in %.1fs -> %s", stage, "cached" if cached else "computed", seconds, result["directory"]
+            "%s: %s in %.1fs%s",
+            stage,
+            "cached" if cached else "computed",
+            seconds,
+            f", {brief}" if brief else "",
         )
         dirs[stage] = result["directory"]
         report.append(

@@ -61,7 +61,8 @@ class Stage:
     - ``summarize(counts, directory)``: what a dashboard shows about a result;
     - ``tags``: labels for the orchestrator (e.g. "gpu");
     - ``resolve(cfg) -> (inputs, extra)``: work done once at planning, e.g. listing source files; ``inputs``
-      reach the body as ``ctx.inputs`` and ``extra`` joins the fingerprint (new or changed files re-run it).
+      reach the body as ``ctx.inputs`` and ``extra`` joins the fingerprint (new or changed files re-run it);
+    - ``brief(counts)``: the one count that matters, in words, for the console.
     """
 
     name: str
@@ -75,6 +76,16 @@ class Stage:
     summarize: Callable[[dict, Path], list[Summary]] | None = None
     tags: tuple[str, ...] = ()
     resolve: Callable[[PPDConfig], tuple[dict, dict]] | None = None
+    brief: Callable[[dict], str] | None = None
+
+    def describe(self, counts: dict) -> str:
+        """The one line a person reads about a result (``brief``); empty when the counts lack its keys."""
+        if self.brief is None:
+            return ""
+        try:
+            return self.brief(counts)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+            return ""
 
 
 def no_upstream(cfg: PPDConfig) -> tuple[str, ...]:

@@ -42,4 +42,4 @@ def fit_bradley_terry(
         opt.step()
     with torch.no_grad():
         margin = (users(user_inputs) * basis(diffs)).sum(-1)
-    return {"loss": float(loss), "train_accuracy": float((margin > 0).float().mean())}
+    return {"loss": float(loss.detach()), "train_accuracy": float((margin > 0).float().mean())}

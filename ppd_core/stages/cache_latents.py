@@ -24,4 +24,5 @@ STAGE = Stage(
     lambda cfg: {"backbone": backbone_fields(cfg)},
     run,
     tags=("train", "gpu"),
+    brief=lambda c: f"{c['images']:,} image latents, {c['captions']:,} captions",
 )

@@ -52,4 +52,7 @@ STAGE = Stage(
     workers=lambda cfg: cfg.embed.shard_workers,
     summarize=summarize,
     tags=("embed",),
+    brief=lambda c: (
+        f"{c['shot_sets']} shot sets x {len(c['embedders'])} embedders ({c['sets_computed']} computed, {c['sets_reused']} reused)"
+    ),
 )

@@ -34,4 +34,5 @@ STAGE = Stage(
         "Few-shot preference encoder",
     ),
     tags=("embed",),
+    brief=lambda c: f"held-out pair accuracy {c['val_pair_accuracy']:.3f} (best step {c['best_step']})",
 )

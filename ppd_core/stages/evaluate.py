@@ -66,6 +66,16 @@ def summarize(counts: dict, directory: Path) -> list[Summary]:
     return shown
 
 
+def _brief(c: dict) -> str:
+    new, seen = c["headline"].get("unseen:ppd_vs_base"), c["headline"].get("seen:ppd_vs_base")
+    parts = [
+        f"{label}: PPD beats base {r['win_rate']:.0%}"
+        for label, r in (("new users", new), ("seen", seen))
+        if r
+    ]
+    return "; ".join(parts) + f"; report: {c['report']}"
+
+
 STAGE = Stage(
     "evaluate",
     "4",
@@ -75,4 +85,5 @@ STAGE = Stage(
     progress="evaluate steps",
     summarize=summarize,
     tags=("evaluate",),
+    brief=_brief,
 )

@@ -25,4 +25,7 @@ STAGE = Stage(
         "Few-shot sampling",
     ),
     tags=("data",),
+    brief=lambda c: (
+        f"{c['users_seen']} seen and {c['users_unseen']} new users, {sum(c['shot_sets'].values())} shot sets, {c['train_pairs']:,} training pairs"
+    ),
 )

@@ -55,4 +55,7 @@ STAGE = Stage(
     summarize=summarize,
     tags=("data",),
     resolve=resolve,
+    brief=lambda c: (
+        f"{c['kept_rows']:,} of {c['input_rows']:,} rows kept, {c['quarantined']:,} quarantined with a reason"
+    ),
 )

@@ -37,4 +37,5 @@ STAGE = Stage(
     progress="pretrain steps",
     summarize=summarize,
     tags=("train", "gpu"),
+    brief=lambda c: f"{c['steps']} steps, final loss {c['final_loss']:.4f}",
 )

@@ -29,4 +29,10 @@ def summarize(c: dict, directory: Path) -> list[Summary]:
     return [Summary("ppd-probe", "User identification and archetype accuracy per embedder", rows=rows)]
 
 
-STAGE = Stage("probe", "2", upstream, lambda cfg: cfg.probe, run, summarize=summarize, tags=("embed",))
+def _brief(c: dict) -> str:
+    return f"{len(c['summary'])} embedders probed"
+
+
+STAGE = Stage(
+    "probe", "2", upstream, lambda cfg: cfg.probe, run, summarize=summarize, tags=("embed",), brief=_brief
+)

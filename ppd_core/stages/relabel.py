@@ -40,4 +40,13 @@ def summarize(c: dict, directory: Path) -> list[Summary]:
     return [Summary("ppd-relabel-reward-users", f"Reward users, {directory}", rows=rows)]
 
 
-STAGE = Stage("relabel", "1", upstream, section, run, summarize=summarize, tags=("data",))
+STAGE = Stage(
+    "relabel",
+    "1",
+    upstream,
+    section,
+    run,
+    summarize=summarize,
+    tags=("data",),
+    brief=lambda c: f"{len(c['reward_users'])} reward users, {c['rows']:,} relabelled pairs",
+)

@@ -23,4 +23,13 @@ def summarize(c: dict, directory: Path) -> list[Summary]:
     ]
 
 
-STAGE = Stage("synthesize", "2", no_upstream, lambda cfg: cfg.world, run, summarize=summarize, tags=("data",))
+STAGE = Stage(
+    "synthesize",
+    "2",
+    no_upstream,
+    lambda cfg: cfg.world,
+    run,
+    summarize=summarize,
+    tags=("data",),
+    brief=lambda c: f"{c['rows']:,} rows of {c['users']} users",
+)

@@ -14,4 +14,12 @@ def run(ctx: StageContext, out: Path) -> dict:
     return build_tiny_models(ctx.cfg.tiny_models, out)
 
 
-STAGE = Stage("tiny_models", "2", no_upstream, lambda cfg: cfg.tiny_models, run, tags=("models",))
+STAGE = Stage(
+    "tiny_models",
+    "2",
+    no_upstream,
+    lambda cfg: cfg.tiny_models,
+    run,
+    tags=("models",),
+    brief=lambda c: f"{len(c['models'])} offline models, random weights by design",
+)

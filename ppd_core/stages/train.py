@@ -55,6 +55,7 @@ def train_stage_for(stage: str) -> Stage:
         progress=f"{stage} steps",
         summarize=partial(summarize, stage),
         tags=("train", "gpu"),
+        brief=lambda c: f"{c['steps']} steps, held-out implicit accuracy {c['heldout_implicit_acc']:.3f}",
     )
 
 
