@@ -159,10 +159,7 @@ def run(
     if source is not None:
         extra.append(f"ingest.source={json.dumps(source)}")
     try:
-        cfg = _resolve(config, set_, extra)
-        cfg = cfg.model_copy(
-            update={"run": cfg.run.model_copy(update={"root": str(Path(cfg.run.root).resolve())})}
-        )
+        cfg = _absolute_root(_resolve(config, set_, extra))
         from ppd_core import pipeline
 
         stage_list = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
@@ -194,9 +191,11 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 
 
 def _absolute_root(cfg: PPDConfig) -> PPDConfig:
-    return cfg.model_copy(
-        update={"run": cfg.run.model_copy(update={"root": str(Path(cfg.run.root).resolve())})}
-    )
+    """The config with ``run.root`` absolute; a root that exists as a file is an InputError."""
+    from ppd_core.layout import check_run_root
+
+    root = check_run_root(cfg.run.root)
+    return cfg.model_copy(update={"run": cfg.run.model_copy(update={"root": str(root)})})
 
 
 def _brief(value) -> str:
@@ -267,7 +266,12 @@ def backfill(
 @app.command()
 def status(root: RootOpt, as_json: JsonOpt = False) -> None:
     """Per-stage table (latest task run of each stage, from the Prefect API) and the partition table."""
-    root = root.expanduser().resolve()
+    from ppd_core.layout import check_run_root
+
+    try:
+        root = check_run_root(root)
+    except PPDError as e:
+        _fail(e)
     if not root.is_dir():
         _fail(PPDError(f"{root}: no such run root"))
     configure_prefect(root)
@@ -307,8 +311,12 @@ def ui(
 ) -> None:
     """Start a local Prefect server and dashboard (SQLite under <root>/.prefect); later CLI calls use it."""
     from flows import server
+    from ppd_core.layout import check_run_root
 
-    root = root.expanduser().resolve()
+    try:
+        root = check_run_root(root)
+    except PPDError as e:
+        _fail(e)
     if stop:
         out.print("stopped" if server.stop_server(root) else "no server recorded for this root")
         return

@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from flows.cli import ConfigOpt, SetOpt, _fail, _resolve, out
+from flows.cli import ConfigOpt, SetOpt, _absolute_root, _fail, _resolve, out
 from ppd_core.errors import InputError, PPDError
 
 
@@ -52,7 +52,7 @@ def generate_command(
     from ppd_core.evaluate import generate as gen
 
     try:
-        cfg = _resolve(config, set_, [f"run.root={root.expanduser().resolve()}"])
+        cfg = _absolute_root(_resolve(config, set_, [f"run.root={root.expanduser().resolve()}"]))
         if model not in gen.MODELS:
             raise InputError(f"--model {model!r}: choose one of {', '.join(gen.MODELS)}")
         if model != "base" and (shots is None) == (user is None):
