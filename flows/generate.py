@@ -4,7 +4,8 @@
                  [--seeds N] [--scale X] [--guidance G] [--user-guidance G] [--steps N] --out DIR
 
 Nothing is trained or embedded in the run root: the run's stages must be complete for the same config
-(``ppd run`` first). Registered on the ``ppd`` app by flows/cli.py; needs no Prefect.
+(``ppd run`` first). ``--out`` must be new, empty, or an earlier output of this command (its manifest lists
+every file there), which is replaced whole; any other directory is refused and left untouched. Registered on the ``ppd`` app by flows/cli.py; needs no Prefect.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def generate_command(
             raise InputError(f"--model {model!r}: choose one of {', '.join(gen.MODELS)}")
         if model != "base" and (shots is None) == (user is None):
             raise InputError("give the user as exactly one of --shots FILE or --user ID")
+        out_dir = gen.check_out_dir(out_dir)  # before any work: refuse a directory we would destroy
         if not prompts.is_file():
             raise InputError(f"--prompts {prompts}: no such file")
         prompt_list = [line.strip() for line in prompts.read_text().splitlines() if line.strip()]
