@@ -5,7 +5,8 @@
 
 Nothing is trained or embedded in the run root: the run's stages must be complete for the same config
 (``ppd run`` first). ``--out`` must be new, empty, or an earlier output of this command (its manifest lists
-every file there), which is replaced whole; any other directory is refused and left untouched. Registered on the ``ppd`` app by flows/cli.py; needs no Prefect.
+every file there), which is replaced whole; any other directory is refused and left untouched.
+Registered on the ``ppd`` app by flows/cli.py; needs no Prefect.
 """
 
 from __future__ import annotations
@@ -25,7 +26,13 @@ def generate_command(
     root: Annotated[Path, typer.Option("--root", help="Run root of a completed `ppd run`.")],
     model: Annotated[str, typer.Option("--model", help="base, ppd, dpo, sft, ppd_true or ppd_shots.")],
     prompts: Annotated[Path, typer.Option("--prompts", help="Text file, one prompt per line.")],
-    out_dir: Annotated[Path, typer.Option("--out", help="Output directory (images + manifest.json).")],
+    out_dir: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            help="Output directory (images + manifest.json): new, empty, or an earlier output, which is replaced.",
+        ),
+    ],
     shots: Annotated[
         Path | None,
         typer.Option(
