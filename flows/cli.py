@@ -88,7 +88,11 @@ def configure_prefect(root: Path) -> None:
     home = root / ".prefect"
     (home / "results").mkdir(parents=True, exist_ok=True)
     if not os.environ.get("PREFECT_API_URL"):
-        if url := live_api_url(root):
+        try:
+            url = live_api_url(root)
+        except PPDError as e:
+            _fail(e)
+        if url:
             os.environ["PREFECT_API_URL"] = url
         os.environ.setdefault("PREFECT_HOME", str(home))
     os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(home / "results")
@@ -318,9 +322,13 @@ def ui(
     except PPDError as e:
         _fail(e)
     if stop:
-        out.print("stopped" if server.stop_server(root) else "no server recorded for this root")
+        out.print(server.stop_server(root), markup=False, highlight=False, soft_wrap=True)
         return
-    if url := server.live_api_url(root):
+    try:
+        url = server.live_api_url(root)
+    except PPDError as e:
+        _fail(e)
+    if url:
         out.print(f"Prefect dashboard already running: {server.dashboard_url(url)}")
         return
     try:

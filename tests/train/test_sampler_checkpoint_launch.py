@@ -1,6 +1,7 @@
 """Resumable pair order, checkpoint rotation/markers, and the process-group launcher."""
 
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -89,7 +90,9 @@ def test_a_failed_worker_is_one_line_naming_its_error_and_the_log(tmp_path):
         launch.run([sys.executable, "-c", script], tmp_path / "log.txt")
     message = str(e.value)
     assert "\n" not in message and "step 1 ok" not in message
-    assert message.startswith("training exited with code 1: ppd_core.errors.ConfigError: user tokens are 33 wide")
+    assert message.startswith(
+        "training exited with code 1: ppd_core.errors.ConfigError: user tokens are 33 wide"
+    )
     assert str(tmp_path / "log.txt") in message
 
 
@@ -178,3 +181,24 @@ def _alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return state != "Z"
+
+
+def test_rng_file_loads_with_weights_only_and_restores_exactly(tmp_path):
+    random.random(), np.random.randn(), torch.randn(1)  # an advanced state, gaussian cache included
+    state = {"global": checkpoint.capture_rng()}
+    path = tmp_path / "step-00000001" / "rng-rank0.pt"
+    path.parent.mkdir()
+    path.write_bytes(checkpoint._to_bytes(checkpoint.encode_rng(state)))
+    torch.load(path, weights_only=True)  # no pickled object needed
+    first = (random.random(), np.random.randn(3), torch.rand(3))
+    checkpoint.restore_rng(checkpoint.read_rng(path)["global"])
+    again = (random.random(), np.random.randn(3), torch.rand(3))
+    assert first[0] == again[0] and np.array_equal(first[1], again[1]) and torch.equal(first[2], again[2])
+
+
+def test_old_pickled_rng_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "step-00000001" / "rng-rank0.pt"
+    path.parent.mkdir()
+    torch.save({"global": checkpoint.capture_rng()}, path)  # the earlier format: numpy arrays pickled
+    with pytest.raises(StageError, match="older format that cannot be loaded safely"):
+        checkpoint.read_rng(path)
