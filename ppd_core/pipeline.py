@@ -307,7 +307,9 @@ def _build(
 
         def build_cache(out: Path) -> dict:
             backbone = load_backbone(cfg.backbone, dirs.get("pretrain"))
-            return cache_latents(backbone, dirs["ingest"], dirs["fewshot"], out, seed=cfg.run.seed)
+            return cache_latents(
+                backbone, dirs["ingest"], dirs["fewshot"], out, seed=cfg.run.seed, progress=progress
+            )
 
         return build_cache
     if p.stage in TRAIN_STAGES:

@@ -33,7 +33,9 @@ def pretrain_task(config: PPDConfig, stage: str, fingerprint: str, upstream_dirs
 def cache_latents_task(
     config: PPDConfig, stage: str, fingerprint: str, upstream_dirs: dict[str, str]
 ) -> dict:
-    return run_stage_body(config, stage, fingerprint, upstream_dirs)
+    return run_stage_body(
+        config, stage, fingerprint, upstream_dirs, progress=progress_reporter("cached images and captions")
+    )
 
 
 @task(name="train", tags=["ppd", "train", "gpu"], **TASK_OPTIONS)
