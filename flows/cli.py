@@ -174,6 +174,9 @@ def run(
     root_path = Path(cfg.run.root)
     configure_prefect(root_path)
     from flows.data import data_flow  # imports prefect: after configure_prefect
+    from flows.runs import reap_dead_runs
+
+    reap_dead_runs(root_path)
 
     try:
         report = data_flow(cfg, stage_list)
@@ -252,6 +255,9 @@ def backfill(
         _fail(e)
     configure_prefect(Path(cfg.run.root))
     from flows.backfill import run_backfill  # imports prefect: after configure_prefect
+    from flows.runs import reap_dead_runs
+
+    reap_dead_runs(cfg.run.root)
 
     try:
         report = run_backfill(cfg, start, end, force=force, lock_timeout=lock_timeout)
