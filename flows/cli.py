@@ -23,14 +23,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from ppd_core.config import PPDConfig, config_to_yaml, load_config
+from flows.generate import generate_command
+from flows.options import ConfigOpt, SetOpt, _absolute_root, _fail, _resolve, err, out
+from ppd_core.config import config_to_yaml
 from ppd_core.errors import PPDError
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_PRESET = REPO_ROOT / "configs" / "toy.yaml"
 
 app = typer.Typer(
     help="Personalized preference fine-tuning (PPD) of text-to-image diffusion models: the pipeline CLI.",
@@ -40,42 +38,6 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect the resolved configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
-
-err = Console(stderr=True)
-out = Console()
-
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        "-c",
-        help="YAML preset (default: $PPD_CONFIG, else configs/toy.yaml).",
-        show_default=False,
-    ),
-]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--set",
-        help="Dotted override, repeatable: --set fewshot.seed=3 (wins over file and PPD_* env).",
-        show_default=False,
-    ),
-]
-
-
-def _resolve(config: Path | None, sets: list[str] | None, extra: list[str] = ()) -> PPDConfig:
-    path = config or (Path(os.environ["PPD_CONFIG"]) if os.environ.get("PPD_CONFIG") else None)
-    if path is None and DEFAULT_PRESET.is_file():
-        path = DEFAULT_PRESET
-    return load_config(path, [*(sets or []), *extra])
-
-
-def _fail(e: Exception, code: int = 2) -> None:
-    """Say a user-facing error in one message: the text as is (no rich markup, so ``[us]`` or a path with
-    ``[/x]`` survives) and unwrapped, then exit ``code``."""
-    err.print("error:", style="bold red", end=" ")
-    err.print(str(e), markup=False, highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def configure_prefect(root: Path) -> None:
@@ -97,7 +59,38 @@ def configure_prefect(root: Path) -> None:
         os.environ.setdefault("PREFECT_HOME", str(home))
     os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(home / "results")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # the temporary server's start is slow on a loaded machine (2 busy cores: > 20 s, Prefect's default)
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def start_embedded_api(root: Path) -> None:
+    """In the embedded mode, start Prefect's temporary API server now, holding the root's database lock
+    (:attr:`RunLayout.prefect_db_lock`) until it answers. The server creates or migrates
+    ``<root>/.prefect/prefect.db`` as it starts; two ``ppd`` commands starting together on a new root
+    would otherwise migrate it at once and one would crash (``duplicate column name``). The flow
+    then talks to this server (Prefect keeps one per process). Call after :func:`configure_prefect`."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    from ppd_core import locks
+    from ppd_core.layout import RunLayout
+
+    lock = RunLayout(root).prefect_db_lock
+
+    def waiting(_: str) -> None:
+        err.print(
+            f"another ppd command is opening (creating or migrating) this root's Prefect database; waiting ({lock})",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+
+    with locks.hold(lock, on_wait=waiting, what="the run root's Prefect database"):
+        SubprocessASGIServer().start()
 
 
 def _print_report(report: list[dict], root: str) -> None:
@@ -173,13 +166,14 @@ def run(
         _fail(e)
     root_path = Path(cfg.run.root)
     configure_prefect(root_path)
-    from flows.data import data_flow  # imports prefect: after configure_prefect
+    start_embedded_api(root_path)
+    from flows.pipeline import pipeline_flow  # imports prefect: after configure_prefect
     from flows.runs import reap_dead_runs
 
     reap_dead_runs(root_path)
 
     try:
-        report = data_flow(cfg, stage_list)
+        report = pipeline_flow(cfg, stage_list)
     except PPDError as e:
         _fail(e)
     if as_json:
@@ -195,14 +189,6 @@ RootOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
-
-
-def _absolute_root(cfg: PPDConfig) -> PPDConfig:
-    """The config with ``run.root`` absolute; a root that exists as a file is an InputError."""
-    from ppd_core.layout import check_run_root
-
-    root = check_run_root(cfg.run.root)
-    return cfg.model_copy(update={"run": cfg.run.model_copy(update={"root": str(root)})})
 
 
 def _brief(value) -> str:
@@ -254,6 +240,7 @@ def backfill(
     except PPDError as e:
         _fail(e)
     configure_prefect(Path(cfg.run.root))
+    start_embedded_api(Path(cfg.run.root))
     from flows.backfill import run_backfill  # imports prefect: after configure_prefect
     from flows.runs import reap_dead_runs
 
@@ -285,6 +272,7 @@ def status(root: RootOpt, as_json: JsonOpt = False) -> None:
     if not root.is_dir():
         _fail(PPDError(f"{root}: no such run root"))
     configure_prefect(root)
+    start_embedded_api(root)
     from flows.status import collect_status  # imports prefect: after configure_prefect
 
     report = {
@@ -432,8 +420,6 @@ def config_reference(
     tail = rest.split(end, 1)[1]
     write.write_text(f"{head}{start}{marker_line}\n{table}\n{end}{tail}")
 
-
-from flows.generate import generate_command  # noqa: E402 (the command reuses this module's helpers)
 
 app.command(name="generate")(generate_command)
 

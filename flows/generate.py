@@ -18,7 +18,7 @@ from typing import Annotated
 
 import typer
 
-from flows.cli import ConfigOpt, SetOpt, _absolute_root, _fail, _resolve, out
+from flows.options import ConfigOpt, SetOpt, _absolute_root, _fail, _resolve, out
 from ppd_core.errors import InputError, PPDError
 
 

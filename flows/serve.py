@@ -39,7 +39,7 @@ def deployment_specs(path: Path = DEPLOY_FILE) -> list[dict[str, Any]]:
 
 
 def load_entrypoint(entrypoint: str):
-    """``flows/data.py:data_flow`` (or ``flows.data:data_flow``) -> the flow object."""
+    """``flows/pipeline.py:pipeline_flow`` (or ``flows.pipeline:pipeline_flow``) -> the flow object."""
     module_path, _, name = entrypoint.partition(":")
     module = module_path.removesuffix(".py").replace("/", ".")
     try:

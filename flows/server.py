@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 
 import psutil
 
+from ppd_core import locks
 from ppd_core.errors import InputError, StageError
 from ppd_core.layout import RunLayout
 from ppd_core.manifest import atomic_write_bytes
@@ -124,22 +125,24 @@ def start_server(
     if port_in_use(port, host):
         raise InputError(f"port {port} on {host} is already in use; pick another with --port")
     api = f"http://{host}:{port}/api"
-    with open(home / LOG_FILE, "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
-            env=server_env(home, host, port),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    deadline = time.monotonic() + timeout
-    while not healthy(api, timeout=1.0):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop_process(proc.pid)
-            tail = (home / LOG_FILE).read_text(errors="replace")[-2000:]
-            raise StageError(f"the Prefect server did not start (see {home / LOG_FILE}):\n{tail}")
-        time.sleep(0.5)
+    # the server creates or migrates the database as it starts: one process at a time (see cli.start_embedded_api)
+    with locks.hold(RunLayout(root).prefect_db_lock, what="the run root's Prefect database"):
+        with open(home / LOG_FILE, "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
+                env=server_env(home, host, port),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while not healthy(api, timeout=1.0):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                stop_process(proc.pid)
+                tail = (home / LOG_FILE).read_text(errors="replace")[-2000:]
+                raise StageError(f"the Prefect server did not start (see {home / LOG_FILE}):\n{tail}")
+            time.sleep(0.5)
     atomic_write_bytes(home / API_URL_FILE, api.encode())
     atomic_write_bytes(home / PID_FILE, json.dumps(process_record(proc.pid)).encode())
     return proc, api

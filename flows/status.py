@@ -19,7 +19,7 @@ from flows.runs import reap_dead_runs
 from ppd_core.data.partitions import partition_table
 from ppd_core.layout import RunLayout
 from ppd_core.manifest import is_complete, load_manifest
-from ppd_core.pipeline import STAGE_ORDER
+from ppd_core.pipeline import stage_names
 
 FLOW_RUN_LIMIT = 200  # the API's largest page
 TASK_RUN_PAGES = 5
@@ -81,9 +81,9 @@ def _stage_rows(task_runs: list, root: str) -> list[dict[str, Any]]:
     per-day ingest tasks of backfills are left out: the partition table covers the latter)."""
     latest: dict[str, Any] = {}
     for tr in task_runs:  # newest first
-        if _stage_of(tr) in STAGE_ORDER:
+        if _stage_of(tr) in stage_names():
             latest.setdefault(_stage_of(tr), tr)
-    stages = [s for s in STAGE_ORDER if s in latest]
+    stages = [s for s in stage_names() if s in latest]
     return [_stage_row(stage, latest[stage], root) for stage in stages]
 
 

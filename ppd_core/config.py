@@ -550,9 +550,6 @@ class TrainConfig(Section):
     )
 
 
-REWARD_KINDS = ("oracle", "oracle_attribute", "pickscore", "hps", "aesthetic", "clip_score", "image_reward")
-
-
 class RewardSpec(Section):
     """One reward model: scores (image, prompt) pairs; higher is better."""
 

@@ -2,8 +2,10 @@
 
 One component owns the storage layout so no stage invents paths. A stage writes into a hidden
 sibling ``<root>/<stage>/.<fingerprint>.partial/`` and the directory is renamed into place when
-complete (see :mod:`ppd_core.manifest`). The run root also holds the local Prefect home (database,
-result records), so a run root is self-contained and can be moved or deleted as one unit.
+complete (see :mod:`ppd_core.manifest`); ``<root>/<stage>/.<fingerprint>.lock`` is held meanwhile,
+so one process at a time works in the partial directory (another waits, then reuses the output).
+The run root also holds the local Prefect home (database, result records), so a run root is
+self-contained and can be moved or deleted as one unit.
 
 A stage run per date partition (backfills, :mod:`ppd_core.data.partitions`) writes the same kind of
 directory one level down, beside that partition's lock and status files::
@@ -37,6 +39,10 @@ class RunLayout:
     def partial_dir(self, stage: str, fingerprint: str, partition: str | None = None) -> Path:
         return self._base(stage, partition) / f".{fingerprint}.partial"
 
+    def lock_path(self, stage: str, fingerprint: str, partition: str | None = None) -> Path:
+        """Held (``flock``) by the one process that builds and commits this output; see :mod:`ppd_core.locks`."""
+        return self._base(stage, partition) / f".{fingerprint}.lock"
+
     def _base(self, stage: str, partition: str | None) -> Path:
         return self.root / stage if partition is None else self.partition_dir(stage, partition)
 
@@ -51,6 +57,11 @@ class RunLayout:
     @property
     def prefect_home(self) -> Path:
         return self.root / ".prefect"
+
+    @property
+    def prefect_db_lock(self) -> Path:
+        """Held while a Prefect server creates or migrates this root's database (see :mod:`ppd_core.locks`)."""
+        return self.prefect_home / ".db.lock"
 
     @property
     def prefect_results(self) -> Path:

@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ppd_core import __version__
+from ppd_core import __version__, locks
 from ppd_core.config import digest_json
 from ppd_core.layout import RunLayout
 
@@ -54,9 +54,6 @@ class Manifest(BaseModel):
     counts: dict[str, Any]
     partition: str | None = None  # set for a per-partition output (e.g. created_date=2023-05-01)
 
-    def path(self, root: str | Path) -> Path:
-        return RunLayout(root).stage_dir(self.stage, self.fingerprint, self.partition)
-
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
@@ -80,6 +77,28 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def truncate_jsonl(path: str | Path, step: int) -> int:
+    """Drop the lines of a JSONL log (one ``{"step": ...}`` object a line) logged after ``step``, and a line a
+    kill cut short, so that a run resumed from its step-``step`` checkpoint logs each step once. Returns how
+    many lines were dropped (the file is rewritten atomically only then)."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    kept = []
+    for line in lines:
+        try:
+            logged = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if logged <= step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        atomic_write_bytes(path, "".join(f"{line}\n" for line in kept).encode())
+    return len(lines) - len(kept)
 
 
 def load_manifest(directory: str | Path) -> Manifest | None:
@@ -202,31 +221,42 @@ def run_stage(
     resume: bool = False,
     partition: str | None = None,
     force: bool = False,
+    on_wait: Callable[[str], None] | None = None,
 ) -> StageOutcome:
     """Reuse ``<root>/<stage>/<fingerprint>/`` when complete; otherwise ``build(partial_dir) -> counts`` and commit.
 
     ``resume=True`` keeps what an interrupted attempt left in the partial directory, for stages whose
     work is split into shards that complete atomically. ``partition`` places the output under
     ``<root>/partitions/<stage>/<partition>/`` (see :class:`RunLayout`); ``force=True`` rebuilds
-    even a complete directory, which the commit then replaces. Concurrent writers of one directory
-    must be serialised by the caller (partitions hold a file lock).
+    even a complete directory, which the commit then replaces.
+
+    Building and committing happen under the output's lock (:meth:`RunLayout.lock_path`): of two
+    processes (or threads) that reach the same output, one builds it while the other waits
+    (``on_wait(message)`` is told once) and then, finding it complete, reuses it. A holder that dies
+    releases the lock, and the next one resumes or clears what it left in the partial directory.
     """
     final = layout.stage_dir(stage, fingerprint, partition)
     if not force and is_complete(final):
         return StageOutcome(load_manifest(final), final, reused=True)
-    partial = prepare_partial(layout.partial_dir(stage, fingerprint, partition), resume=resume and not force)
-    counts = build(partial)
-    manifest = commit(
-        partial,
-        final,
-        stage=stage,
-        fingerprint=fingerprint,
-        code_version=f"{__version__}/{stage}.v{code_version}",
-        config=config,
-        upstream=upstream,
-        counts=counts,
-        partition=partition,
-    )
+    what = f"{stage} {fingerprint}" + (f" ({partition})" if partition else "")
+    with locks.hold(layout.lock_path(stage, fingerprint, partition), on_wait=on_wait, what=what):
+        if not force and is_complete(final):  # built by whoever held the lock before us
+            return StageOutcome(load_manifest(final), final, reused=True)
+        partial = prepare_partial(
+            layout.partial_dir(stage, fingerprint, partition), resume=resume and not force
+        )
+        counts = build(partial)
+        manifest = commit(
+            partial,
+            final,
+            stage=stage,
+            fingerprint=fingerprint,
+            code_version=f"{__version__}/{stage}.v{code_version}",
+            config=config,
+            upstream=upstream,
+            counts=counts,
+            partition=partition,
+        )
     return StageOutcome(manifest, final, reused=False)
 
 

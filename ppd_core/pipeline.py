@@ -1,8 +1,8 @@
-"""The stage graph: which stage reads which, how each one's fingerprint is formed, and how it runs.
+"""Plan and execute any registered stage (:mod:`ppd_core.stages`): fingerprints, output directories, reuse.
 
-This is the one place that knows the order of stages and their inputs; Prefect tasks, the CLI and a
-notebook all go through :func:`plan` and :func:`execute`, so they agree on output directories and
-on what counts as complete::
+The stages themselves (order, inputs, config, bodies) live in the registry; Prefect tasks, the CLI and a
+notebook all go through :func:`plan` and :func:`execute`, so they agree on output directories and on what
+counts as complete::
 
     cfg = load_config("configs/toy.yaml")
     layout = RunLayout(cfg.run.root)
@@ -20,127 +20,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
-
-from ppd_core.config import PPDConfig, fingerprint, stable_fields
+from ppd_core.config import PPDConfig, fingerprint
 from ppd_core.errors import StageError
 from ppd_core.layout import RunLayout
 from ppd_core.manifest import Manifest, StageOutcome, run_stage
-
-# Bump a stage's version when its code changes what it writes: every output of it (and downstream) is recomputed.
-STAGE_VERSIONS: dict[str, str] = {
-    "synthesize": "2",
-    "ingest": "2",
-    "tiny_models": "2",
-    "relabel": "1",
-    "fewshot": "2",
-    "encoder": "2",
-    "embed": "1",
-    "probe": "2",
-    "pretrain": "1",
-    "cache_latents": "1",
-    "train_ppd": "1",
-    "train_dpo": "1",
-    "train_sft": "1",
-    "train_ppd_true": "1",
-    "train_ppd_shots": "1",
-    "evaluate": "4",
-}
-# train stage -> trainer; train_ppd_true and train_ppd_shots are the ppd trainer on the ceiling embedders (by
-# default the world's true preference vector, and the true attribute differences of the same K shots)
-TRAINERS = {
-    "train_ppd": "ppd",
-    "train_dpo": "dpo",
-    "train_sft": "sft",
-    "train_ppd_true": "ppd",
-    "train_ppd_shots": "ppd",
-}
-# ceiling train stage -> the train config field naming its embedder
-CEILINGS = {"train_ppd_true": "ceiling_embedder", "train_ppd_shots": "shots_ceiling_embedder"}
-TRAIN_STAGES = tuple(TRAINERS)
-STAGE_ORDER: tuple[str, ...] = tuple(STAGE_VERSIONS)
-
-Progress = Callable[[int, int], None]
-MapFn = Callable[[Callable, Sequence], Iterable]
-# stages whose partial directory survives a crash (their shards complete atomically)
-RESUMABLE = frozenset({"encoder", "embed", *TRAIN_STAGES})
+from ppd_core.stage import MapFn, Progress, Stage, StageContext
+from ppd_core.stages import STAGES
+from ppd_core.stages.common import backbone_stages, has_ceiling, train_embedder  # noqa: F401 (re-exported)
 
 
-def upstream_of(stage: str, cfg: PPDConfig) -> tuple[str, ...]:
-    """Stages whose manifests ``stage`` reads."""
-    if stage == "ingest":
-        return () if cfg.ingest.source else ("synthesize",)
-    world = () if cfg.ingest.source else ("synthesize",)
-    if stage == "relabel":
-        from ppd_core.data.relabel import needs_tiny_models, needs_world
-
-        specs = cfg.relabel_rewards()
-        tiny = ("tiny_models",) if needs_tiny_models(specs) else ()
-        return ("ingest", *tiny, *(world if needs_world(specs) else ()))
-    if stage == "fewshot":
-        return ("ingest", "relabel")
-    encoder_tiny = cfg.encoder.features.model is None
-    if stage == "encoder":
-        return ("fewshot", "ingest", *(("tiny_models",) if encoder_tiny else ()))
-    if stage == "embed":
-        from ppd_core.embed.extract import needs_encoder, needs_tiny_models, needs_world
-
-        encoder = ("encoder",) if needs_encoder(cfg.embed) else ()
-        tiny = ("tiny_models",) if needs_tiny_models(cfg.embed) or (encoder and encoder_tiny) else ()
-        return ("fewshot", "ingest", *encoder, *tiny, *(world if needs_world(cfg.embed) else ()))
-    if stage == "probe":
-        from ppd_core.embed.extract import needs_encoder
-
-        return ("embed", "fewshot", *(("encoder",) if needs_encoder(cfg.embed) else ()), *world)
-    toy = backbone_stages(cfg)
-    if stage == "pretrain":
-        return ("ingest",)
-    if stage == "cache_latents":
-        return ("ingest", "fewshot", *toy)
-    if stage in TRAIN_STAGES:
-        return ("cache_latents", "embed", "fewshot", *toy)
-    if stage == "evaluate":
-        trained = tuple(f"train_{t}" for t in cfg.train.trainers)
-        ceilings = tuple(stage for stage in CEILINGS if has_ceiling(cfg, stage))
-        return (
-            "fewshot",
-            "ingest",
-            "relabel",
-            "embed",
-            "probe",
-            "tiny_models",
-            *toy,
-            *trained,
-            *ceilings,
-            *world,
-        )
-    return ()
+def stage_names() -> tuple[str, ...]:
+    """Every registered stage, in pipeline order."""
+    return tuple(STAGES)
 
 
-def backbone_stages(cfg: PPDConfig) -> tuple[str, ...]:
-    """Stages a backbone is loaded from: the toy model's ``pretrain``; none for a given checkpoint."""
-    return ("pretrain",) if cfg.backbone.kind == "toy" and cfg.backbone.model is None else ()
+def stage(name: str) -> Stage:
+    """The registered stage ``name``."""
+    if name not in STAGES:
+        raise StageError(f"unknown stage {name!r}; stages are: {', '.join(stage_names())}")
+    return STAGES[name]
 
 
-def has_ceiling(cfg: PPDConfig, stage: str = "train_ppd_true") -> bool:
-    """Whether a ceiling train stage runs: its embedder is set and can run here (world references: toy only)."""
-    from ppd_core.embed.extract import WORLD_KINDS
-
-    name = getattr(cfg.train, CEILINGS[stage])
-    kinds = {e.name: e.kind for e in cfg.embed.embedders}
-    return name in kinds and (kinds[name] not in WORLD_KINDS or not cfg.ingest.source)
-
-
-def train_embedder(cfg: PPDConfig, stage: str) -> str:
-    """The embedder whose vectors condition a train stage."""
-    if stage in CEILINGS:
-        if not has_ceiling(cfg, stage):
-            raise StageError(
-                f"{stage} needs train.{CEILINGS[stage]} naming an embedder of embed.embedders (a synthetic-world "
-                "reference only without --source)"
-            )
-        return getattr(cfg.train, CEILINGS[stage])
-    return cfg.embed.default
+def upstream_of(name: str, cfg: PPDConfig) -> tuple[str, ...]:
+    """Stages whose manifests ``name`` reads."""
+    return stage(name).upstream(cfg)
 
 
 def default_stages(cfg: PPDConfig) -> list[str]:
@@ -153,62 +56,24 @@ def expand(stages: Iterable[str] | None, cfg: PPDConfig) -> list[str]:
     if not stages:
         return default_stages(cfg)
     requested = list(stages)
-    unknown = [s for s in requested if s not in STAGE_VERSIONS]
+    unknown = [s for s in requested if s not in STAGES]
     if unknown:
-        raise StageError(f"unknown stage(s) {', '.join(unknown)}; stages are: {', '.join(STAGE_ORDER)}")
+        raise StageError(f"unknown stage(s) {', '.join(unknown)}; stages are: {', '.join(stage_names())}")
     if cfg.ingest.source and "synthesize" in requested:
         raise StageError(
             "synthesize makes the embedded synthetic world; it has no use with --source (drop it from --stages)"
         )
     needed: set[str] = set()
 
-    def visit(stage: str) -> None:
-        if stage not in needed:
-            needed.add(stage)
-            for up in upstream_of(stage, cfg):
+    def visit(name: str) -> None:
+        if name not in needed:
+            needed.add(name)
+            for up in upstream_of(name, cfg):
                 visit(up)
 
-    for stage in requested:
-        visit(stage)
-    return [s for s in STAGE_ORDER if s in needed]
-
-
-def _backbone_fields(cfg: PPDConfig) -> dict:
-    """The backbone section without keys its kind ignores (``effnet`` matters to cascade only)."""
-    fields = stable_fields(cfg.backbone)
-    if cfg.backbone.kind != "cascade":
-        fields.pop("effnet", None)
-    return fields
-
-
-def _section(cfg: PPDConfig, stage: str) -> BaseModel | dict:
-    """The config a stage's output depends on (volatile fields are dropped by ``fingerprint``)."""
-    if stage == "pretrain":
-        return {"pretrain": stable_fields(cfg.pretrain), "resolution": cfg.backbone.resolution}
-    if stage == "cache_latents":
-        return {"backbone": _backbone_fields(cfg)}
-    if stage in TRAIN_STAGES:
-        skip = ("trainers", "ceiling_embedder", "shots_ceiling_embedder")
-        train = {k: v for k, v in stable_fields(cfg.train).items() if k not in skip}
-        return {
-            "train": train,
-            "adapter": stable_fields(cfg.adapter),
-            "backbone": _backbone_fields(cfg),
-            "embedder": train_embedder(cfg, stage),
-        }
-    if stage == "relabel":
-        return {
-            "relabel": stable_fields(cfg.relabel),
-            "rewards": [spec.model_dump(mode="json") for spec in cfg.relabel_rewards()],
-        }
-    if stage == "evaluate":
-        return {
-            "evaluate": stable_fields(cfg.evaluate),
-            "backbone": _backbone_fields(cfg),
-            "embedder": cfg.embed.default,
-            "embedders": [e.model_dump(mode="json") for e in cfg.embed.embedders],
-        }
-    return getattr(cfg, {"synthesize": "world"}.get(stage, stage))
+    for name in requested:
+        visit(name)
+    return [s for s in stage_names() if s in needed]
 
 
 @dataclass(frozen=True)
@@ -222,111 +87,17 @@ class StagePlan:
     inputs: dict[str, Any] = field(default_factory=dict)  # resolved inputs (e.g. source files)
 
 
-def plan(cfg: PPDConfig, stage: str, upstream: Mapping[str, Manifest]) -> StagePlan:
-    """Fingerprint and output directory of ``stage`` given its upstream manifests."""
-    missing = [u for u in upstream_of(stage, cfg) if u not in upstream]
+def plan(cfg: PPDConfig, name: str, upstream: Mapping[str, Manifest]) -> StagePlan:
+    """Fingerprint and output directory of stage ``name`` given its upstream manifests."""
+    spec = stage(name)
+    needs = spec.upstream(cfg)
+    missing = [u for u in needs if u not in upstream]
     if missing:
-        raise StageError(f"stage {stage} needs the output of {', '.join(missing)}")
-    digests = {u: upstream[u].digest for u in upstream_of(stage, cfg)}
-    extra: dict[str, Any] = {}
-    inputs: dict[str, Any] = {}
-    if stage == "ingest" and cfg.ingest.source:
-        from ppd_core.data.pickapic import resolve_source, source_identity
-
-        files = resolve_source(cfg.ingest.source)
-        inputs["files"] = files
-        extra["source"] = source_identity(files)
-    fp = fingerprint(stage, _section(cfg, stage), digests, STAGE_VERSIONS[stage], extra)
-    return StagePlan(stage, fp, RunLayout(cfg.run.root).stage_dir(stage, fp), digests, inputs)
-
-
-def _build(
-    cfg: PPDConfig,
-    p: StagePlan,
-    upstream: Mapping[str, Manifest],
-    progress: Progress | None,
-    map_fn: MapFn | None,
-):
-    """The stage body as ``partial_dir -> counts``."""
-    layout = RunLayout(cfg.run.root)
-    if p.stage == "synthesize":
-        from ppd_core.data.synthetic import synthesize
-
-        return lambda out: synthesize(cfg.world, out)
-    if p.stage == "ingest":
-        from ppd_core.data.ingest import ingest
-        from ppd_core.data.pickapic import resolve_source
-
-        if cfg.ingest.source:
-            files = p.inputs["files"]
-        else:
-            synth = upstream["synthesize"]
-            files = resolve_source(str(layout.stage_dir("synthesize", synth.fingerprint) / "data"))
-        return lambda out: ingest(cfg.ingest, files, out, progress=progress)
-    if p.stage == "tiny_models":
-        from ppd_core.embed.tiny_models import build_tiny_models
-
-        return lambda out: build_tiny_models(cfg.tiny_models, out)
-    dirs = {u: layout.stage_dir(u, m.fingerprint) for u, m in upstream.items()}
-    if p.stage == "relabel":
-        from ppd_core.data.relabel import relabel
-
-        specs = cfg.relabel_rewards()
-        return lambda out: relabel(
-            cfg.relabel, specs, dirs["ingest"], out, dirs.get("tiny_models"), world_dir(dirs)
-        )
-    if p.stage == "fewshot":
-        from ppd_core.data.fewshot import sample_fewshot
-
-        return lambda out: sample_fewshot(cfg.fewshot, dirs["ingest"], out, dirs["relabel"])
-    if p.stage == "encoder":
-        from ppd_core.embed.encoder_stage import EncoderInputs, encoder_stage
-
-        inputs = EncoderInputs(dirs["fewshot"], dirs["ingest"], dirs.get("tiny_models"))
-        return lambda out: encoder_stage(cfg.encoder, cfg.fewshot.shots, inputs, out, progress=progress)
-    if p.stage == "embed":
-        from ppd_core.embed.extract import EmbedInputs, embed_stage
-
-        inputs = EmbedInputs(
-            dirs["fewshot"], dirs["ingest"], dirs.get("tiny_models"), world_dir(dirs), dirs.get("encoder")
-        )
-        return lambda out: embed_stage(cfg.embed, inputs, out, map_fn=map_fn, progress=progress)
-    if p.stage == "probe":
-        from ppd_core.embed.probe_stage import probe_stage
-
-        return lambda out: probe_stage(
-            cfg.probe, dirs["embed"], dirs["fewshot"], world_dir(dirs), out, dirs.get("encoder")
-        )
-    if p.stage == "pretrain":
-        from ppd_core.train.pretrain import pretrain
-
-        return lambda out: pretrain(cfg.pretrain, cfg.backbone, dirs["ingest"], out, progress=progress)
-    if p.stage == "cache_latents":
-        from ppd_core.models.factory import load_backbone
-        from ppd_core.train.cache import cache_latents
-
-        def build_cache(out: Path) -> dict:
-            backbone = load_backbone(cfg.backbone, dirs.get("pretrain"))
-            return cache_latents(
-                backbone, dirs["ingest"], dirs["fewshot"], out, seed=cfg.run.seed, progress=progress
-            )
-
-        return build_cache
-    if p.stage in TRAIN_STAGES:
-        from ppd_core.train.stage import train_stage
-
-        trainer, embedder = TRAINERS[p.stage], train_embedder(cfg, p.stage)
-        return lambda out: train_stage(cfg, trainer, dirs, out, embedder=embedder, progress=progress)
-    if p.stage == "evaluate":
-        from ppd_core.evaluate.stage import evaluate_stage
-
-        return lambda out: evaluate_stage(cfg, dirs, out, progress=progress)
-    raise StageError(f"no body for stage {p.stage}")
-
-
-def world_dir(dirs: Mapping[str, Path]) -> Path | None:
-    """The synthetic world's ground truth (``<synthesize>/world``) among stage directories, if any."""
-    return Path(dirs["synthesize"]) / "world" if "synthesize" in dirs else None
+        raise StageError(f"stage {name} needs the output of {', '.join(missing)}")
+    digests = {u: upstream[u].digest for u in needs}
+    inputs, extra = spec.resolve(cfg) if spec.resolve else ({}, {})
+    fp = fingerprint(name, spec.section(cfg), digests, spec.version, extra)
+    return StagePlan(name, fp, RunLayout(cfg.run.root).stage_dir(name, fp), digests, inputs)
 
 
 def execute(
@@ -335,17 +106,26 @@ def execute(
     upstream: Mapping[str, Manifest],
     progress: Progress | None = None,
     map_fn: MapFn | None = None,
+    on_wait: Callable[[str], None] | None = None,
 ) -> StageOutcome:
-    """Run (or reuse) one planned stage. ``map_fn(fn, items)`` lets an orchestrator fan out shard work."""
+    """Run (or reuse) one planned stage. ``map_fn(fn, items)`` lets an orchestrator fan out shard work.
+
+    One process at a time computes a stage output (a lock beside its partial directory): a second
+    ``ppd run`` on the same root waits for it (``on_wait(message)`` says so once) and reuses it."""
+    spec = stage(p.stage)
+    layout = RunLayout(cfg.run.root)
+    dirs = {u: layout.stage_dir(u, m.fingerprint) for u, m in upstream.items()}
+    ctx = StageContext(cfg, dirs, p.inputs, progress, map_fn)
     return run_stage(
-        RunLayout(cfg.run.root),
+        layout,
         p.stage,
         p.fingerprint,
-        _build(cfg, p, upstream, progress, map_fn),
-        code_version=STAGE_VERSIONS[p.stage],
+        lambda out: spec.run(ctx, out),
+        code_version=spec.version,
         config=cfg.model_dump(mode="json"),
         upstream=p.upstream,
-        resume=p.stage in RESUMABLE,
+        resume=spec.resumable,
+        on_wait=on_wait,
     )
 
 

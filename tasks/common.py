@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import CachePolicy
 
@@ -27,12 +28,12 @@ from ppd_core.manifest import load_manifest
 
 @dataclass
 class StageFingerprint(CachePolicy):
-    """Cache key = ``ppd-<stage>-<fingerprint>``; the task's ``fingerprint`` argument carries it."""
+    """Cache key = ``ppd-<stage>-<fingerprint>``; the task's ``plan`` argument carries both."""
 
     def compute_key(
         self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs
     ) -> str | None:
-        return f"ppd-{inputs['stage']}-{inputs['fingerprint']}"
+        return f"ppd-{inputs['plan'].stage}-{inputs['plan'].fingerprint}"
 
 
 STAGE_CACHE = StageFingerprint()
@@ -73,42 +74,29 @@ def progress_reporter(description: str, every: float = 0.02):
     return report
 
 
-def counts_artifact(result: dict[str, Any], keys: tuple[str, ...], key: str, description: str) -> None:
-    """A two-column (count, value) table artifact of the named manifest counts of a stage result."""
-    from prefect.artifacts import create_table_artifact
-
-    counts = result["counts"]
-    create_table_artifact(
-        [{"count": k, "value": str(counts.get(k))} for k in keys],
-        key=key,
-        description=f"{description}, {result['directory']}",
-    )
-
-
 def run_stage_body(
     config: PPDConfig,
-    stage: str,
-    fingerprint: str,
+    plan: pipeline.StagePlan,
     upstream_dirs: dict[str, str],
     progress=None,
     map_fn=None,
 ) -> dict[str, Any]:
-    """Plan and execute one stage; returns a small JSON-able summary (persisted as the task result)."""
+    """Execute one planned stage; returns a small JSON-able summary (persisted as the task result). The plan
+    was made once, by the flow; the upstream outputs it was made from must still be the complete ones."""
     manifests = {}
     for name, directory in upstream_dirs.items():
         m = load_manifest(directory)
         if m is None:
             raise StageError(f"upstream {name} output at {directory} is not complete")
+        if plan.upstream.get(name) != m.digest:
+            raise StageError(f"{plan.stage}: the {name} output changed after {plan.stage} was planned")
         manifests[name] = m
-    p = pipeline.plan(config, stage, manifests)
-    if p.fingerprint != fingerprint:
-        raise StageError(
-            f"{stage}: fingerprint changed between planning and running ({fingerprint} -> {p.fingerprint})"
-        )
     t0 = time.perf_counter()
-    outcome = pipeline.execute(config, p, manifests, progress=progress, map_fn=map_fn)
+    # a second run on the root waits here while another process computes this output, then reuses it
+    on_wait = get_run_logger().info
+    outcome = pipeline.execute(config, plan, manifests, progress=progress, map_fn=map_fn, on_wait=on_wait)
     return {
-        "stage": stage,
+        "stage": plan.stage,
         "directory": str(outcome.directory),
         "fingerprint": outcome.manifest.fingerprint,
         "digest": outcome.manifest.digest,

@@ -19,3 +19,14 @@ def chromium_binary() -> str | None:
         if subprocess.run(cmd, capture_output=True, env=env, timeout=900).returncode != 0:
             return None
     return shutil.which("chromium")
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie waiting for its reaper counts as ended)."""
+    from pathlib import Path
+
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"

@@ -5,11 +5,13 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from ppd_core.config import reference_markdown
+from tests.conftest import running
 
 REPO = Path(__file__).resolve().parents[1]
 PPD = str(Path(sys.executable).parent / "ppd")
@@ -17,10 +19,16 @@ SMALL = ["--set", "world.num_users=24", "--set", "world.mean_pairs_per_user=30"]
 SMALL += ["--set", "encoder.steps=100", "--set", "encoder.basis_steps=200"]
 
 
-def ppd(*args, check=True, env=None):
+def ppd_env(env=None) -> dict[str, str]:
     full_env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **(env or {})}
     full_env.pop("PREFECT_API_URL", None)
-    proc = subprocess.run([PPD, *args], capture_output=True, text=True, cwd=REPO, env=full_env, timeout=600)
+    return full_env
+
+
+def ppd(*args, check=True, env=None):
+    proc = subprocess.run(
+        [PPD, *args], capture_output=True, text=True, cwd=REPO, env=ppd_env(env), timeout=600
+    )
     if check and proc.returncode != 0:
         raise AssertionError(
             f"ppd {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
@@ -74,7 +82,7 @@ def test_readme_config_table_is_current():
     assert [line.split()[:2] for line in first] == [["make", "demo"], ["make", "test"]]
 
 
-def test_data_flow_caches_and_recomputes_only_what_changed(tmp_path):
+def test_pipeline_flow_caches_and_recomputes_only_what_changed(tmp_path):
     root = str(tmp_path / "run")
     first = run_json("--root", root, *SMALL, "--stages", "probe")
     assert list(first) == [
@@ -109,6 +117,31 @@ def test_data_flow_caches_and_recomputes_only_what_changed(tmp_path):
     assert fourth["fewshot"]["output_dir"] != first["fewshot"]["output_dir"]
 
 
+def test_two_runs_on_one_root_compute_each_stage_once(tmp_path):
+    """Two ``ppd run`` started together on a new root: the Prefect database is created once (no migration
+    crash), each stage is computed by one of them and reused by the other, and both succeed."""
+    root = tmp_path / "run"
+    cmd = [PPD, "run", "--root", str(root), *SMALL, "--stages", "fewshot", "--json"]
+    procs = []
+    for delay in (0.0, 0.5):
+        time.sleep(delay)
+        procs.append(
+            subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=ppd_env()
+            )
+        )
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, stderr) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0 and "Traceback" not in stderr, stderr[-4000:]
+    reports = [{s["name"]: s for s in json.loads(stdout)["stages"]} for stdout, _ in outputs]
+    assert list(reports[0]) == list(reports[1]) == ["synthesize", "ingest", "relabel", "fewshot"]
+    for stage in reports[0]:
+        assert sorted(r[stage]["cached"] for r in reports) == [False, True], stage  # computed exactly once
+        assert reports[0][stage]["output_dir"] == reports[1][stage]["output_dir"]
+    hidden = [p.name for p in root.glob("*/.*") if not p.name.endswith(".lock")]
+    assert not hidden  # no partial or stale directory left
+
+
 def test_real_pickapic_source_ingests_and_caches(tmp_path):
     from ppd_core.config import load_config
     from ppd_core.pipeline import run_stages
@@ -128,6 +161,74 @@ def test_real_pickapic_source_ingests_and_caches(tmp_path):
     )
     second = run_json("--root", root, "--source", str(copy), "--stages", "ingest,fewshot")
     assert all(s["cached"] for s in second.values())
+
+
+TRAIN = [
+    *("--set", "world.num_users=16", "--set", "world.mean_pairs_per_user=30"),
+    *("--set", "embed.embedders=[{name: truth, kind: true_preference}]", "--set", "embed.default=truth"),
+    *("--set", "pretrain.steps=3", "--set", "pretrain.batch_size=16", "--set", "train.steps=12"),
+    *(
+        "--set",
+        "train.pairs_per_step=8",
+        "--set",
+        "train.checkpoint_every=3",
+        "--set",
+        "train.validate_every=3",
+    ),
+    *("--set", "train.log_every=1", "--stages", "train_ppd", "--json"),
+]
+
+
+def _training_processes(root: Path) -> list[int]:
+    """Pids of the launcher and ranks training under ``root`` (their command lines name its train spec)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if str(root) in cmdline and "train_spec.json" in cmdline:
+            found.append(proc.info["pid"])
+    return found
+
+
+@pytest.mark.slow  # about 3 minutes on 2 cores: the data stages, then training twice
+def test_kill_9_of_ppd_ends_training_and_the_rerun_logs_each_step_once(tmp_path):
+    """``kill -9`` of the ppd process group mid-training: the DeepSpeed launcher and ranks (their own session)
+    end too; the rerun resumes from the last checkpoint and commits logs with every step once."""
+    import signal
+
+    root = tmp_path / "run"
+    cmd = [PPD, "run", "--root", str(root), *TRAIN]
+    log = tmp_path / "killed-ppd.log"
+    with open(log, "wb") as stderr:
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=stderr, cwd=REPO, env=ppd_env(), start_new_session=True
+        )
+    deadline = time.time() + 480
+    while not list(root.glob("train_ppd/.*.partial/checkpoints/step-00000003/_COMPLETE")):
+        if proc.poll() is not None or time.time() > deadline:
+            pytest.fail(f"training did not reach its first checkpoint:\n{log.read_text()[-4000:]}")
+        time.sleep(0.2)
+    training = _training_processes(root)
+    assert training  # the launcher and the rank
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 30
+    while any(running(p) for p in training) and time.time() < deadline:
+        time.sleep(0.2)
+    survivors = [p for p in training if running(p)]
+    for p in survivors:
+        os.kill(p, signal.SIGKILL)
+    assert not survivors, "training outlived the killed ppd"
+
+    rerun = ppd("run", "--root", str(root), *TRAIN)
+    train = {s["name"]: s for s in json.loads(rerun.stdout)["stages"]}["train_ppd"]
+    out = Path(train["output_dir"])
+    assert not train["cached"] and (out / "manifest.json").is_file()
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))
+    validated = [json.loads(x)["step"] for x in (out / "validation.jsonl").read_text().splitlines()]
+    assert validated == [3, 6, 9, 12]
 
 
 def test_config_errors_name_the_source_of_the_value():

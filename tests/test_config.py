@@ -95,8 +95,8 @@ def test_fingerprint_ignores_volatile_fields_only():
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in CONFIGS.glob("pickapic_*.yaml")))
 def test_real_data_presets_evaluate_and_relabel_with_real_weights(preset):
-    from ppd_core.data.relabel import needs_tiny_models, needs_world
     from ppd_core.pipeline import upstream_of
+    from ppd_core.rewards.relabel import needs_tiny_models, needs_world
 
     cfg = load_config(CONFIGS / preset, environ={})
     specs = cfg.relabel_rewards()

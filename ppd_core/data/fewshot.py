@@ -425,6 +425,16 @@ def write_table(path: Path, table: pa.Table) -> None:
     atomic_write_bytes(path, sink.getvalue().to_pybytes())
 
 
+FEWSHOT_TABLES = ("shot_sets", "train_pairs", "eval_pairs", "users")
+
+
+def read_fewshot(fewshot_dir: str | Path, name: str, columns: list[str] | None = None) -> pa.Table:
+    """One of the fewshot stage's tables (:data:`FEWSHOT_TABLES`); readers never spell its file names."""
+    if name not in FEWSHOT_TABLES:
+        raise ValueError(f"the fewshot stage writes {FEWSHOT_TABLES}, not {name!r}")
+    return pq.read_table(Path(fewshot_dir) / f"{name}.parquet", columns=columns)
+
+
 def sample_fewshot(
     cfg: FewshotConfig, ingest_dir: Path, out_dir: Path, relabel_dir: Path | None = None
 ) -> dict:

@@ -20,6 +20,7 @@ shards. Data offsets are known as they are written (tests check them against ``t
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -38,6 +39,7 @@ import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from ppd_core.config import IngestConfig
+from ppd_core.errors import StageError
 from ppd_core.schemas import IMAGE_INDEX
 
 IMAGE_REASONS = (
@@ -485,3 +487,27 @@ class ImageStore:
         if len(shapes) > 1:
             raise ValueError(f"images have different sizes {sorted(shapes)}; pass size= to resize them")
         return np.stack(arrays)  # (N, H, W, 3)
+
+
+INGEST_IMAGES = "images"  # the image store inside an ingest output
+
+
+def has_ingest_images(ingest_dir: str | Path) -> bool:
+    """Whether an ingest output holds images (a metadata-only source gives none)."""
+    return (Path(ingest_dir) / INGEST_IMAGES / INDEX_NAME).is_file()
+
+
+def ingest_images(ingest_dir: str | Path) -> ImageStore:
+    """The ingest stage's image store (``<ingest>/images``), opened once per directory and process; a clear
+    error when ingestion wrote no images."""
+    return _open_ingest_images(str(ingest_dir))
+
+
+@functools.cache
+def _open_ingest_images(ingest_dir: str) -> ImageStore:
+    images = Path(ingest_dir) / INGEST_IMAGES
+    if not has_ingest_images(ingest_dir):
+        raise StageError(
+            f"{ingest_dir}: ingestion wrote no images (metadata-only source?); this stage needs image bytes"
+        )
+    return ImageStore(images)

@@ -57,6 +57,7 @@ import pyarrow.parquet as pq
 from ppd_core.config import IngestConfig
 from ppd_core.data.images import (
     IMAGE_REASONS,
+    INGEST_IMAGES,
     DigestSet,
     ImageShardWriter,
     accepted_formats,
@@ -88,6 +89,7 @@ ROW_REASONS = (
 REASONS = (*ROW_REASONS, "duplicate_row", "conflicting_duplicate", *IMAGE_REASONS, "duplicate_pair")
 # Columns read and hashed for duplicate_row (all data columns; the pandas index is a row number).
 META_COLUMNS = tuple(n for n in PICKAPIC_V2_METADATA.names if n != "__index_level_0__")
+VERSION = "2"  # the ingest stage's code version: bump it when the same input gives other output
 PAIR_ID_HEX = 20  # 80-bit content id
 _ROW_GROUP_ROWS = 65_536  # most rows per Parquet row group in pairs/ and quarantine/
 _BUFFER_BYTES = 4 << 20  # most Arrow bytes buffered across partitions before the largest is flushed
@@ -496,7 +498,9 @@ class _Ingestor:
         self.quarantine = _PartitionedWriter(
             out_dir / "quarantine", QUARANTINE, 2**62, ["source_file", "reason"]
         )
-        self.image_writer = ImageShardWriter(out_dir / "images", cfg.shard_max_images) if images else None
+        self.image_writer = (
+            ImageShardWriter(out_dir / INGEST_IMAGES, cfg.shard_max_images) if images else None
+        )
         self.row_digests = DigestSet()
         self.pair_digests = DigestSet()
         self.by_reason = dict.fromkeys(REASONS, 0)

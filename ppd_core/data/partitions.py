@@ -39,15 +39,15 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from filelock import FileLock, Timeout
 
+from ppd_core import locks
 from ppd_core.config import PPDConfig, digest_json, fingerprint, stable_fields
+from ppd_core.data.ingest import VERSION as INGEST_VERSION
 from ppd_core.data.ingest import created_at_stats
 from ppd_core.data.pickapic import SourceFile, check_schema, open_parquet, resolve_source, source_identity
 from ppd_core.errors import InputError, StageError
 from ppd_core.layout import RunLayout
 from ppd_core.manifest import atomic_write_json, is_complete, load_manifest, run_stage
-from ppd_core.pipeline import STAGE_VERSIONS
 from ppd_core.schemas import PAIRS_PARTITION, PICKAPIC_V2
 
 STAGE = "ingest"
@@ -147,7 +147,7 @@ class PartitionPlan:
 def partition_fingerprint(cfg: PPDConfig, day: str, files: Iterable[SourceFile]) -> str:
     section = {k: v for k, v in stable_fields(cfg.ingest).items() if k != "source"}
     extra = {"source": source_identity(files), "partition": partition_name(day)}
-    return fingerprint(STAGE, section, {}, STAGE_VERSIONS[STAGE], extra)
+    return fingerprint(STAGE, section, {}, INGEST_VERSION, extra)
 
 
 def plan_partitions(cfg: PPDConfig, start: dt.date, end: dt.date) -> list[PartitionPlan]:
@@ -178,38 +178,17 @@ def partition_lock(root: str | Path, day: str, timeout: float | None = None, on_
     """Hold the day's file lock (across processes); ``timeout`` None waits for ever.
 
     ``on_wait(message)`` is called once when the lock is busy, before waiting."""
-    path = lock_path(root, day)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(path))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        if on_wait is not None:
-            holder = read_status(root, day) or {}
-            on_wait(f"{partition_name(day)} is locked (pid {holder.get('pid', '?')}); waiting")
-        try:
-            lock.acquire(timeout=-1 if timeout is None else timeout)
-        except Timeout:
-            raise StageError(
-                f"{partition_name(day)}: still locked by another process after {timeout:.0f}s ({path})"
-            ) from None
-    try:
+
+    def waiting(_: str) -> None:
+        holder = read_status(root, day) or {}
+        on_wait(f"{partition_name(day)} is locked (pid {holder.get('pid', '?')}); waiting")
+
+    with locks.hold(lock_path(root, day), timeout, waiting if on_wait else None, partition_name(day)):
         yield
-    finally:
-        lock.release()
 
 
 def is_locked(root: str | Path, day: str) -> bool:
-    path = lock_path(root, day)
-    if not path.exists():
-        return False
-    lock = FileLock(str(path))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        return True
-    lock.release()
-    return False
+    return locks.is_held(lock_path(root, day))
 
 
 def read_status(root: str | Path, day: str) -> dict[str, Any] | None:
@@ -295,7 +274,7 @@ def run_partition(
                 STAGE,
                 plan.fingerprint,
                 lambda out: _ingest_day(cfg, files, out, plan.day, progress),
-                code_version=STAGE_VERSIONS[STAGE],
+                code_version=INGEST_VERSION,
                 config=cfg.model_dump(mode="json"),
                 upstream={},
                 partition=plan.partition,

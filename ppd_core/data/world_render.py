@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +71,11 @@ SHAPES: dict[str, tuple[Callable[[np.ndarray, np.ndarray], np.ndarray], float]] 
         8 * _CROSS_ARM - 4 * _CROSS_ARM**2,
     ),
 }
+
+
+def world_dir(dirs: Mapping[str, str | Path]) -> Path | None:
+    """The synthetic world's ground truth (``<synthesize>/world``) among stage directories, if any."""
+    return Path(dirs["synthesize"]) / WORLD_DIR if "synthesize" in dirs else None
 
 
 def _caption(colour: str, shape: str) -> str:

@@ -10,10 +10,8 @@ training never know which one produced a vector.
 from __future__ import annotations
 
 import abc
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from PIL import Image
@@ -73,14 +71,3 @@ class Embedder(abc.ABC):
     @abc.abstractmethod
     def embed(self, batch: Sequence[ShotSet]) -> EmbedOutput:
         """Embed a batch of shot sets (any batch size >= 1)."""
-
-
-def weights_digest(paths: Sequence[str | Path]) -> str:
-    """sha256 over the given weight files (sorted by name, content only): the embedder identity's digest."""
-    h = hashlib.sha256()
-    for path in sorted(Path(p) for p in paths):
-        h.update(path.name.encode())
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-    return h.hexdigest()

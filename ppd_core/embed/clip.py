@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from ppd_core.config import EmbedderSpec, TinyModelsConfig
-from ppd_core.embed.base import Embedder, EmbedOutput, ShotSet, weights_digest
+from ppd_core.embed.base import Embedder, EmbedOutput, ShotSet
 from ppd_core.errors import ConfigError
 from ppd_core.manifest import staged_directory
+from ppd_core.weights import files_digest
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
@@ -136,7 +137,7 @@ def resolve_clip_source(model: str | None, model_dir: Path | None) -> ClipSource
             model_name=LOCAL_DIR + str(directory),
             pretrained=None,
             model_id=LOCAL_DIR + directory.name,
-            weights_digest=weights_digest(_local_weights(directory)),
+            weights_digest=files_digest(_local_weights(directory)),
         )
     if model.startswith(HF_HUB):
         # the hub revision is not pinned by open_clip: the id stands in for the weights
@@ -151,7 +152,7 @@ def resolve_clip_source(model: str | None, model_dir: Path | None) -> ClipSource
                 f"open_clip model {name!r} has no pretrained tag; give 'name:tag' or a directory"
             )
         tag = tags[0]
-    digest = weights_digest([tag]) if os.path.isfile(tag) else tag
+    digest = files_digest([tag]) if os.path.isfile(tag) else tag
     return ClipSource(name, tag, f"{name}:{tag}", digest)
 
 

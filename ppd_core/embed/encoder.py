@@ -16,10 +16,11 @@ import numpy as np
 import torch
 
 from ppd_core.config import FeatureSourceSpec
-from ppd_core.embed.base import Embedder, EmbedOutput, ShotSet, weights_digest
+from ppd_core.embed.base import Embedder, EmbedOutput, ShotSet
 from ppd_core.embed.encoder_model import WEIGHTS_FILE, PreferenceEncoder
 from ppd_core.embed.features import FeatureTable, load_feature_source
 from ppd_core.errors import InputError, StageError
+from ppd_core.weights import files_digest
 
 
 class EncoderEmbedder(Embedder):
@@ -36,7 +37,7 @@ class EncoderEmbedder(Embedder):
         self.device = device
         self.tiny_models = tiny_models
         self.model, self.extra = PreferenceEncoder.load(encoder_dir)
-        self.digest = weights_digest([encoder_dir / WEIGHTS_FILE])
+        self.digest = files_digest([encoder_dir / WEIGHTS_FILE])
         self.cache = FeatureTable(encoder_dir)
         self._source = None
         self._lock = threading.Lock()

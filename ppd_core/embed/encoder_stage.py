@@ -37,12 +37,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ppd_core.config import EncoderConfig
+from ppd_core.data.fewshot import read_fewshot
 from ppd_core.embed.bradley_terry import fit_bradley_terry, standardised_differences
 from ppd_core.embed.encoder_model import PreferenceEncoder
 from ppd_core.embed.features import FeatureTable, load_feature_source, write_feature_shards
 from ppd_core.embed.probe import single_thread
 from ppd_core.errors import StageError
-from ppd_core.manifest import atomic_write_bytes, atomic_write_json
+from ppd_core.manifest import atomic_write_bytes, atomic_write_json, truncate_jsonl
 
 Progress = Callable[[int, int], None]
 CHECKPOINTS = "checkpoints"
@@ -63,7 +64,7 @@ class EncoderInputs:
 def referenced_uids(fewshot_dir: Path) -> list[str]:
     """Every image uid of the shot sets, training pairs and evaluation pairs (sorted, unique)."""
     uids: set[str] = set()
-    sets = pq.read_table(fewshot_dir / "shot_sets.parquet", columns=["winner_uids", "loser_uids"])
+    sets = read_fewshot(fewshot_dir, "shot_sets", columns=["winner_uids", "loser_uids"])
     for col in ("winner_uids", "loser_uids"):
         uids.update(sets.column(col).combine_chunks().flatten().to_pylist())
     for name in ("train_pairs", "eval_pairs"):
@@ -76,11 +77,11 @@ def referenced_uids(fewshot_dir: Path) -> list[str]:
 def seen_user_pairs(fewshot_dir: Path) -> dict[int, list[tuple[str, str, str]]]:
     """Seen user -> their (pair_id, winner_uid, loser_uid) outside evaluation, sorted by pair_id."""
     pairs: dict[int, dict[str, tuple[str, str]]] = {}
-    for r in pq.read_table(fewshot_dir / "shot_sets.parquet").to_pylist():
+    for r in read_fewshot(fewshot_dir, "shot_sets").to_pylist():
         if r["split"] == "seen":
             for pid, w, lo in zip(r["pair_ids"], r["winner_uids"], r["loser_uids"], strict=True):
                 pairs.setdefault(int(r["user_id"]), {})[pid] = (w, lo)
-    for r in pq.read_table(fewshot_dir / "train_pairs.parquet").to_pylist():
+    for r in read_fewshot(fewshot_dir, "train_pairs").to_pylist():
         pairs.setdefault(int(r["user_id"]), {})[r["pair_id"]] = (r["winner_uid"], r["loser_uid"])
     return {u: [(pid, *wl) for pid, wl in sorted(p.items())] for u, p in sorted(pairs.items())}
 
@@ -129,13 +130,6 @@ def _save_checkpoint(out_dir: Path, step: int, state: dict) -> None:
         old.unlink(missing_ok=True)
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop lines logged after ``step`` (a killed run's tail), so a resumed log has each step once."""
-    if path.is_file():
-        kept = [x for x in path.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= step]
-        atomic_write_bytes(path, "".join(x + "\n" for x in kept).encode())
-
-
 # ------------------------------------------------------------------------------------- training
 
 
@@ -177,13 +171,13 @@ def encoder_stage(
     cfg: EncoderConfig, shots: int, inputs: EncoderInputs, out_dir: Path, progress: Progress | None = None
 ) -> dict:
     """Stage body: features, basis, encoder training with checkpoints, the chosen weights and a summary."""
-    from ppd_core.embed.extract import image_store
-    from ppd_core.embed.vlm import resolve_device
+    from ppd_core.data.images import ingest_images
+    from ppd_core.weights import resolve_device
 
     started = time.perf_counter()
     device = resolve_device(cfg.device)
     source = load_feature_source(cfg.features, inputs.tiny_models, cfg.device)
-    store = image_store(inputs.ingest)
+    store = ingest_images(inputs.ingest)
     feature_counts = write_feature_shards(
         source,
         referenced_uids(inputs.fewshot),
@@ -259,7 +253,7 @@ def train_encoder(
         start, best, basis_info = int(state["step"]), json.loads(state["best"]), json.loads(state["basis"])
         best_state = state["best_model"]
         for path in (metrics_path, val_path):
-            _truncate_log(path, start)
+            truncate_jsonl(path, start)
     else:
         users_of_pairs = np.concatenate(
             [np.column_stack([np.full(len(p), i), p]) for i, p in enumerate(train_pairs)]

@@ -28,10 +28,13 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from ppd_core.config import EmbedConfig, EmbedderSpec, digest_json
+from ppd_core.config import EmbedConfig, EmbedderSpec
+from ppd_core.data.fewshot import read_fewshot
+from ppd_core.data.images import ingest_images
 from ppd_core.embed.base import Embedder, Shot, ShotSet
 from ppd_core.errors import StageError
 from ppd_core.manifest import is_complete, load_manifest
+from ppd_core.weights import resolve_device
 
 Progress = Callable[[int, int], None]
 MapFn = Callable[[Callable, Sequence], Iterable]
@@ -80,12 +83,6 @@ def active_embedders(cfg: EmbedConfig, inputs: EmbedInputs) -> list[EmbedderSpec
     return [s for s in cfg.embedders if s.kind not in WORLD_KINDS or inputs.world is not None]
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 @cache
 def _load_embedder(
     spec: EmbedderSpec, tiny_models: Path | None, world: Path | None, encoder: Path | None, device: str
@@ -123,7 +120,7 @@ def load_embedder(spec: EmbedderSpec, inputs: EmbedInputs, device: str = "auto")
 
 def read_shot_sets(fewshot_dir: Path) -> pa.Table:
     """All shot sets, sorted by (user_id, set_index): the order shards are cut in."""
-    table = pq.read_table(fewshot_dir / "shot_sets.parquet")
+    table = read_fewshot(fewshot_dir, "shot_sets")
     return table.sort_by([("user_id", "ascending"), ("set_index", "ascending")])
 
 
@@ -162,11 +159,6 @@ def shard_schema(embedder: Embedder, name: str) -> pa.Schema:
     )
 
 
-def identity_key(embedder: Embedder) -> str:
-    """What must match for an embedding to be reused: the embedder's full identity."""
-    return digest_json(embedder.identity())[:16]
-
-
 @cache
 def _shot_set_rows(fewshot_dir: Path) -> dict[str, dict]:
     return {r["shot_set_id"]: r for r in read_shot_sets(fewshot_dir).to_pylist()}
@@ -178,21 +170,8 @@ def shot_sets_by_id(fewshot_dir: Path, ids: Sequence[str]) -> list[dict]:
     return [rows[i] for i in ids]
 
 
-@cache
-def image_store(ingest_dir: Path):
-    """The ingest stage's image store (opened once per directory)."""
-    from ppd_core.data.images import ImageStore
-
-    images = ingest_dir / "images"
-    if not (images / "index.parquet").is_file():
-        raise StageError(
-            f"{ingest_dir}: ingestion wrote no images (metadata-only source?); embeddings need image bytes"
-        )
-    return ImageStore(images)
-
-
 def to_shot_set(row: Mapping, ingest_dir: Path) -> ShotSet:
-    store = image_store(ingest_dir)
+    store = ingest_images(ingest_dir)
     shots = tuple(
         Shot(
             caption=caption or "",

@@ -129,7 +129,7 @@ class OpenClipImageFeatures(FeatureSource):
 
 def load_feature_source(spec: FeatureSourceSpec, tiny_models: Path | None, device: str) -> FeatureSource:
     """Build the source ``spec`` names; ``spec.model`` None means the tiny default under ``tiny_models``."""
-    from ppd_core.embed.vlm import resolve_device
+    from ppd_core.weights import resolve_device
 
     dev = resolve_device(device)
     if spec.model is None and tiny_models is None:

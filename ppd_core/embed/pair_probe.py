@@ -19,11 +19,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 import torch.nn as nn
 
 from ppd_core.config import ProbeConfig
+from ppd_core.data.fewshot import read_fewshot
 from ppd_core.embed.bradley_terry import fit_bradley_terry, standardised_differences
 from ppd_core.embed.encoder_model import WEIGHTS_FILE, PreferenceEncoder
 from ppd_core.embed.extract import read_embeddings
@@ -45,12 +45,10 @@ class PairData:
     def __init__(self, fewshot_dir: Path, encoder_dir: Path):
         self.table = FeatureTable(encoder_dir)
         self.X = torch.from_numpy(self.table.matrix)  # (N_images, D)
-        train = pq.read_table(fewshot_dir / "train_pairs.parquet").to_pylist()
+        train = read_fewshot(fewshot_dir, "train_pairs").to_pylist()
         self.train_sets = [r["shot_set_id"] for r in train]
         self.train_pairs = torch.as_tensor(self._rows(train))  # (P, 2)
-        evals = [
-            r for r in pq.read_table(fewshot_dir / "eval_pairs.parquet").to_pylist() if r["split"] == "unseen"
-        ]
+        evals = [r for r in read_fewshot(fewshot_dir, "eval_pairs").to_pylist() if r["split"] == "unseen"]
         by_user: dict[int, list[dict]] = {}
         for r in evals:
             by_user.setdefault(int(r["user_id"]), []).append(r)
@@ -84,7 +82,7 @@ def pair_diagnostics(
 ) -> list[dict]:
     """PROBE rows (task ``pairs_unseen``) for the population model and each ``{embedder: kind}``."""
     data = PairData(fewshot_dir, encoder_dir)
-    first_set = pq.read_table(fewshot_dir / "shot_sets.parquet", columns=["pair_ids"]).column(0)[0]
+    first_set = read_fewshot(fewshot_dir, "shot_sets", columns=["pair_ids"]).column(0)[0]
     shots = len(first_set.as_py())  # K, the shots of every set
     X, P = data.X, data.train_pairs
     std = X[P.reshape(-1)].std(0).clamp(min=1e-6)  # standardisation of the training pairs' images

@@ -5,7 +5,7 @@ This module owns the prompt (:func:`build_prompt_text`, :func:`build_messages`) 
 :class:`VLMEmbedder`, which loads any transformers image-text-to-text checkpoint through
 ``AutoProcessor`` / ``AutoModelForImageTextToText`` (a hub id such as
 ``llava-hf/llava-onevision-qwen2-0.5b-ov-hf``, or a local directory such as the tiny default built
-by :mod:`ppd_core.embed.tiny_vlm`) and offers three read-outs, each (rows, hidden) per shot set
+by :mod:`ppd_core.tiny.vlm`) and offers three read-outs, each (rows, hidden) per shot set
 with rows = text layers + 1 (embedding output, then one row per decoder layer; the last row is
 post-final-norm in HF Qwen2):
 
@@ -30,8 +30,9 @@ from typing import Literal
 import torch
 
 from ppd_core.config import EmbedderSpec
-from ppd_core.embed.base import Embedder, EmbedOutput, ShotSet, weights_digest
+from ppd_core.embed.base import Embedder, EmbedOutput, ShotSet
 from ppd_core.errors import ConfigError, InputError
+from ppd_core.weights import files_digest, local_snapshot, resolve_device
 
 Readout = Literal["generate", "prefill", "image_diff"]
 
@@ -129,25 +130,6 @@ def shot_images(shot_set: ShotSet) -> list:
 
 
 # ----------------------------------------------------------------------------------------- embedder
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _local_dir(model: str) -> Path | None:
-    """The directory holding the weights: ``model`` itself, or the hub cache's snapshot of it."""
-    path = Path(model)
-    if path.is_dir():
-        return path
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(model, local_files_only=True))
-    except Exception:  # not cached (or not a valid repo id): the caller falls back to the commit hash
-        return None
 
 
 class VLMEmbedder(Embedder):
@@ -251,12 +233,12 @@ class VLMEmbedder(Embedder):
         """sha256 of the checkpoint's *.safetensors (else *.bin) files; ``commit:<hash>`` when only a hub
         revision is known."""
         if self._digest is None:
-            local = _local_dir(self.model_id)
+            local = local_snapshot(self.model_id)
             files = []
             if local is not None:
                 files = sorted(local.glob("*.safetensors")) or sorted(local.glob("*.bin"))
             if files:
-                self._digest = weights_digest(files)
+                self._digest = files_digest(files)
             elif self._commit_hash:
                 self._digest = f"commit:{self._commit_hash}"
             else:

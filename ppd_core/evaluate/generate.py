@@ -1,6 +1,6 @@
 """Personalized generation: a trained run (or the base model), a user, prompts and seeds -> images.
 
-A *model* is one of :data:`MODELS`: ``base`` (the backbone, user branch off), ``ppd`` (the adapter trained
+A *model* is one of :data:`~ppd_core.compared.MODELS`: ``base`` (the backbone, user branch off), ``ppd`` (the adapter trained
 on the default embedder's user embeddings), ``ppd_true`` and ``ppd_shots`` (the same trainer on the ceiling
 embedders: by default the synthetic world's true preference vectors, and the true attribute differences of
 the same K shots, the K-shot ceiling), and the baselines ``dpo`` / ``sft`` (the same adapter trained on one
@@ -31,20 +31,16 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from ppd_core.compared import COMPARED, MODELS  # noqa: F401 (MODELS: re-exported)
 from ppd_core.config import PPDConfig
+from ppd_core.data.fewshot import read_fewshot
+from ppd_core.data.world_render import world_dir
 from ppd_core.errors import InputError, StageError
 from ppd_core.models.adapter import UserAdapter
 from ppd_core.models.backbone import Backbone
-from ppd_core.pipeline import world_dir
 
-MODELS = ("base", "ppd", "ppd_true", "ppd_shots", "dpo", "sft")
-TRAIN_STAGE = {
-    "ppd": "train_ppd",
-    "ppd_true": "train_ppd_true",
-    "ppd_shots": "train_ppd_shots",
-    "dpo": "train_dpo",
-    "sft": "train_sft",
-}
+# the compared models and the train stage each comes from (the one table: ppd_core.compared)
+TRAIN_STAGE = {m.name: m.train_stage for m in COMPARED.values() if m.train_stage}
 
 
 @dataclass(frozen=True)
@@ -65,13 +61,7 @@ class Settings:
 
 def embedder_for(cfg: PPDConfig, model: str) -> str | None:
     """The embedder whose vectors condition ``model`` (None: it ignores the user)."""
-    if model == "ppd":
-        return cfg.embed.default
-    if model == "ppd_true":
-        return cfg.train.ceiling_embedder
-    if model == "ppd_shots":
-        return cfg.train.shots_ceiling_embedder
-    return None
+    return COMPARED[model].embedder(cfg)
 
 
 class ModelSet:
@@ -84,7 +74,7 @@ class ModelSet:
     @classmethod
     def load(cls, cfg: PPDConfig, dirs: Mapping[str, Path], models: Sequence[str]) -> ModelSet:
         """``dirs``: stage -> output directory (``pretrain`` for the toy backbone, ``train_<x>`` per model)."""
-        from ppd_core.models.export import load_adapter
+        from ppd_core.models.export import export_dir, load_adapter
         from ppd_core.models.factory import load_backbone
 
         unknown = [m for m in models if m not in MODELS]
@@ -98,7 +88,7 @@ class ModelSet:
             stage = TRAIN_STAGE[model]
             if stage not in dirs:
                 raise StageError(f"model {model!r} needs the {stage} stage's output")
-            adapters[model] = load_adapter(Path(dirs[stage]) / "export", backbone).eval()
+            adapters[model] = load_adapter(export_dir(dirs[stage]), backbone).eval()
         return cls(backbone, adapters)
 
     @property
@@ -130,8 +120,9 @@ class ModelSet:
             raise InputError(f"model {model!r} is not loaded (loaded: {', '.join(self.models)})")
         adapter = self.adapters[model]
         shape = tuple(adapter.embedding_shape)
-        if model in ("dpo", "sft") or embeddings is None:
-            if model not in ("dpo", "sft"):
+        user_free = COMPARED[model].embedder_key is None  # dpo / sft: trained on one constant embedding
+        if user_free or embeddings is None:
+            if not user_free:
                 raise InputError(f"model {model!r} needs user embeddings")
             emb = torch.zeros((len(prompts), *shape))  # the constant embedding these baselines trained on
         else:
@@ -202,7 +193,7 @@ def seen_users(fewshot_dir: Path) -> set[int]:
     """Users the trained models saw (fewshot's split "seen")."""
     from ppd_core.data.fewshot import SEEN
 
-    users = pq.read_table(Path(fewshot_dir) / "users.parquet", columns=["user_id", "split"])
+    users = read_fewshot(fewshot_dir, "users", columns=["user_id", "split"])
     return {
         int(u)
         for u, split in zip(

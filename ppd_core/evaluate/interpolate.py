@@ -1,6 +1,6 @@
 """The multi-reward experiment's inference half: interpolate between two reward users' embeddings.
 
-Reward users are "users" whose labels follow one reward (the `relabel` stage, :mod:`ppd_core.data.relabel`:
+Reward users are "users" whose labels follow one reward (the `relabel` stage, :mod:`ppd_core.rewards.relabel`:
 on the synthetic world single attributes standing in for CLIP score, aesthetic and HPS; on real data
 real reward models). They are trained on like any seen user, in the same PPD model. Here, for each
 pair (A, B) and weight a, the model generates from ``u = a * u_A + (1 - a) * u_B`` (u_X: the reward
@@ -19,8 +19,8 @@ import pyarrow as pa
 
 from ppd_core.config import PPDConfig
 from ppd_core.evaluate.generate import ModelSet, Settings, embedder_for
-from ppd_core.evaluate.rewards import Reward
 from ppd_core.evaluate.winrates import monotonicity
+from ppd_core.rewards.scorers import Reward
 from ppd_core.schemas import INTERPOLATION, MONOTONICITY
 
 INTERPOLATED_MODELS = ("ppd", "ppd_true")

@@ -27,12 +27,13 @@ from PIL import Image
 
 from ppd_core.config import JudgeSpec
 from ppd_core.embed.base import ShotSet
-from ppd_core.embed.vlm import DEFAULT_IMAGE_TOKEN, _clean_caption, _local_dir, resolve_device
+from ppd_core.embed.vlm import DEFAULT_IMAGE_TOKEN, _clean_caption
 from ppd_core.errors import ConfigError, InputError
+from ppd_core.weights import local_snapshot, resolve_device
 
 if TYPE_CHECKING:
     from ppd_core.data.world_render import SyntheticWorld
-    from ppd_core.evaluate.rewards import Reward
+    from ppd_core.rewards.scorers import Reward
 
 A_WINS, B_WINS, UNDECIDED = 1, 0, -1
 
@@ -251,7 +252,7 @@ class TransformersAnswerer:
         if self._model is None:
             from transformers import AutoModelForImageTextToText, AutoProcessor
 
-            source = _local_dir(self.model_id) or self.model_id  # a cached snapshot loads offline
+            source = local_snapshot(self.model_id) or self.model_id  # a cached snapshot loads offline
             processor = AutoProcessor.from_pretrained(source)
             processor.tokenizer.padding_side = "left"  # the answer is read at position -1
             model = AutoModelForImageTextToText.from_pretrained(source, dtype=getattr(torch, self.dtype_name))

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ppd_core.config import PPDConfig
+from ppd_core.data.fewshot import read_fewshot
 from ppd_core.evaluate.judges import Judge, judge_agreement, load_judge
-from ppd_core.evaluate.rewards import Reward
 from ppd_core.evaluate.winrates import per_user, win_rates
+from ppd_core.rewards.scorers import Reward
 from ppd_core.schemas import COMPARISONS
 
 ScoreLookup = Callable[[tuple[str, str]], np.ndarray | None]
@@ -185,18 +185,18 @@ def agreement_table(
     """Each judge's agreement with held-out labelled pairs of the evaluated users (their own choices).
 
     ``first``: user -> (conditioning shot set id, embedding) of the evaluated users; ``sets``: those shot sets."""
-    from ppd_core.embed.extract import image_store
+    from ppd_core.data.images import ingest_images
 
     e = cfg.evaluate
     evaluated = {u for u, (sid, _) in first.items() if sid in sets}
-    pairs = pq.read_table(Path(dirs["fewshot"]) / "eval_pairs.parquet").to_pylist()
+    pairs = read_fewshot(dirs["fewshot"], "eval_pairs").to_pylist()
     rows = [r for r in pairs if r["user_id"] in evaluated]
     rows = [
         rows[i] for i in sorted(np.random.default_rng(e.seed).permutation(len(rows))[: e.agreement_pairs])
     ]
     if not rows:
         return pa.table({"judge": pa.array([], pa.string())})
-    store = image_store(Path(dirs["ingest"]))
+    store = ingest_images(Path(dirs["ingest"]))
     winners = np.stack(
         [np.asarray(store.get_pil(r["winner_uid"]).convert("RGB")) for r in rows]
     )  # (P, H, W, 3)

@@ -33,17 +33,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from ppd_core.compared import COMPARED
 from ppd_core.config import PPDConfig
+from ppd_core.data.fewshot import read_fewshot
+from ppd_core.data.world_render import world_dir
 from ppd_core.errors import StageError
 from ppd_core.evaluate.generate import (
-    MODELS,
     ModelSet,
     Settings,
     averaged_users,
     embedder_for,
     user_conditions,
 )
-from ppd_core.pipeline import world_dir
 
 REFERENCE_IMAGES = 512  # dataset images whose reward spread defines "one reward std" per user
 
@@ -72,7 +73,7 @@ def select_requests(
     shot set. ``conditions``: user -> conditioning shot set id (users without one are skipped)."""
     e = cfg.evaluate
     rng = np.random.default_rng(e.seed)
-    pairs = pq.read_table(fewshot_dir / "eval_pairs.parquet").to_pylist()
+    pairs = read_fewshot(fewshot_dir, "eval_pairs").to_pylist()
     prompts: dict[tuple[str, int], list[str]] = {}
     for row in pairs:
         uid = int(row["user_id"])
@@ -104,14 +105,10 @@ def select_requests(
 
 def reference_images(ingest_dir: Path, n: int, seed: int) -> np.ndarray:
     """uint8 (n, H, W, 3): a seeded sample of dataset images, resized to one size."""
-    from ppd_core.data.images import ImageStore
+    from ppd_core.data.images import ingest_images
 
-    store = ImageStore(Path(ingest_dir) / "images")
-    uids = (
-        pq.read_table(Path(ingest_dir) / "images" / "index.parquet", columns=["image_uid"])
-        .column("image_uid")
-        .to_pylist()
-    )
+    store = ingest_images(ingest_dir)
+    uids = store.uids
     chosen = np.random.default_rng(seed).permutation(len(uids))[:n]
     images = [store.get_pil(uids[i]).convert("RGB") for i in chosen]
     size = images[0].size
@@ -127,16 +124,16 @@ def evaluate_stage(
     out_dir: Path,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
-    from ppd_core.data.relabel import read_reward_users
     from ppd_core.evaluate import judging, report
     from ppd_core.evaluate.interpolate import interpolation_study
-    from ppd_core.evaluate.rewards import load_rewards
+    from ppd_core.rewards.relabel import read_reward_users
+    from ppd_core.rewards.scorers import load_rewards
 
     out_dir = Path(out_dir)
     world = _world(dirs)
     reward_users = read_reward_users(dirs["relabel"])  # reward name -> user id
     exclude = set(reward_users.values())
-    models = ["base", *[m for m in MODELS[1:] if f"train_{m}" in dirs]]
+    models = [m.name for m in COMPARED.values() if m.train_stage is None or m.train_stage in dirs]
     models_set = ModelSet.load(cfg, dirs, models)
     by_embedder: dict[str, dict] = {}  # embedder -> user -> (first shot set id, embedding), read once each
     average = averaged_users(cfg, dirs["fewshot"])  # seen users conditioned on their sets' mean
@@ -216,8 +213,19 @@ def evaluate_stage(
     stage1 = stage1_view(dirs.get("probe"), cfg.embed.default, cfg.train.shots_ceiling_embedder)
     summary = report.summarize(cfg, rates, agreement, monotone, skipped, requests, stage1)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    tables = {"win_rates": rates, "win_rates_per_user": per_user, "interpolation": interpolation}
-    report.write_report(cfg, out_dir, dirs, requests, images, summary, tables)
+    tables = {
+        "win_rates": rates,
+        "win_rates_per_user": per_user,
+        "interpolation": interpolation,
+        "judge_agreement": agreement,
+        "monotonicity": monotone,
+    }
+    primary_scores = (
+        {}
+        if primary is None
+        else {m: scores[(m, primary.name)] for m in models if (m, primary.name) in scores}
+    )
+    report.write_report(cfg, out_dir, dirs, requests, images, summary, tables, shot_sets, primary_scores)
     mark("interpolation_and_report")
     groups = dict(zip(users, requests.column("group").to_pylist(), strict=True))  # user -> seen | unseen
     return {

@@ -37,6 +37,14 @@ from ppd_core.models.adapter import UserAdapter, branch_key, cross_attention_lay
 from ppd_core.models.backbone import Backbone
 
 WEIGHT_NAME = "ip_adapter.safetensors"
+EXPORT_DIR = "export"  # inside a train stage's output
+
+
+def export_dir(train_dir: str | Path) -> Path:
+    """Where a train stage's output keeps its adapter export."""
+    return Path(train_dir) / EXPORT_DIR
+
+
 EMBEDDINGS_NAME = "user_embeddings.parquet"
 CARD_NAME = "README.md"
 DIFFUSERS_NUM_TOKENS = 4

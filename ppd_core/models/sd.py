@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import tempfile
 from pathlib import Path
 
@@ -49,9 +48,9 @@ from ppd_core.errors import ConfigError, InputError
 from ppd_core.models.adapter import UserAttnProcessor, cross_attention_layers
 from ppd_core.models.backbone import Backbone
 from ppd_core.models.text import build_offline_clip_tokenizer, save_clip_tokenizer
+from ppd_core.weights import local_snapshot, weight_file_sha256
 
 _WEIGHT_FOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2")
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def _to_unit_images(images: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -307,31 +306,15 @@ class SDBackbone(Backbone):
 # --------------------------------------------------------------------------------------------- identity
 
 
-def _file_sha256(path: Path) -> str:
-    """Content sha256; a hub-cache blob is already named by it (LFS files), so it is not re-read."""
-    real = path.resolve()
-    if real.parent.name == "blobs" and _HEX64.fullmatch(real.name):
-        return real.name
-    h = hashlib.sha256()
-    with open(real, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _weights_digest(model: str) -> tuple[str, str | None]:
     """sha256 over the weight files and configs of unet/, vae/ and the text encoders (everything the latents,
     text states and predictions depend on). A hub id is resolved in the local cache only (never downloaded);
     if it is not there the digest is ``id@revision``. Returns (digest, revision or None)."""
-    root, revision = Path(model), None
-    if not root.is_dir():
-        try:
-            from huggingface_hub import snapshot_download
-
-            root = Path(snapshot_download(model, local_files_only=True))
-            revision = root.name
-        except Exception:  # not cached, offline, or not a hub id: fall back to the name
-            return f"{model}@main", "main"
+    root, revision = local_snapshot(model), None
+    if root is None:  # not cached, offline, or not a hub id: fall back to the name
+        return f"{model}@main", "main"
+    if not Path(model).expanduser().is_dir():
+        revision = root.name  # a hub snapshot directory is named by its revision
     h = hashlib.sha256()
     for folder in _WEIGHT_FOLDERS:
         sub = root / folder
@@ -339,7 +322,7 @@ def _weights_digest(model: str) -> tuple[str, str | None]:
             continue
         files = sorted(sub.glob("*.safetensors")) or sorted(sub.glob("*.bin"))
         for path in files:
-            h.update(f"{folder}/{path.name}:{_file_sha256(path)}\n".encode())
+            h.update(f"{folder}/{path.name}:{weight_file_sha256(path)}\n".encode())
         if (sub / "config.json").is_file():
             h.update(f"{folder}/config.json:{_config_digest(sub / 'config.json')}\n".encode())
     return h.hexdigest(), revision

@@ -24,7 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ppd_core.data.images import ImageStore
+from ppd_core.data.fewshot import read_fewshot
+from ppd_core.data.images import ingest_images
 from ppd_core.errors import StageError
 from ppd_core.models.backbone import Backbone
 
@@ -38,8 +39,8 @@ def needed_keys(fewshot_dir: Path) -> tuple[list[str], list[str]]:
     """Image uids and captions of every training and evaluation pair (sorted, deduplicated)."""
     uids: set[str] = set()
     captions: set[str] = {""}  # the unconditional prompt, for guidance
-    for name in ("train_pairs.parquet", "eval_pairs.parquet"):
-        t = pq.read_table(fewshot_dir / name, columns=["caption", "winner_uid", "loser_uid"])
+    for name in ("train_pairs", "eval_pairs"):
+        t = read_fewshot(fewshot_dir, name, columns=["caption", "winner_uid", "loser_uid"])
         uids.update(t.column("winner_uid").to_pylist())
         uids.update(t.column("loser_uid").to_pylist())
         captions.update(c or "" for c in t.column("caption").to_pylist())
@@ -82,7 +83,7 @@ def cache_latents(
     """Stage body: encode every needed image and caption; returns counts. ``progress(done, total)`` is
     called after every encoded batch (images, then captions), beside the tqdm bar."""
     uids, captions = needed_keys(fewshot_dir)
-    store = ImageStore(ingest_dir / "images")
+    store = ingest_images(ingest_dir)
     missing = [u for u in uids if u not in store]
     if missing:
         raise StageError(

@@ -5,6 +5,14 @@ The `deepspeed` launcher (or torchrun) starts one worker process per rank runnin
 runs in a new session, so cancelling the flow (or any exception, or Ctrl-C in the caller) kills
 every rank with one ``killpg``: nothing is left holding a GPU.
 
+A caller killed outright (``kill -9``) runs no handler, so every level also dies with its parent: the
+launcher gets SIGTERM through the Linux parent-death signal (``prctl(PR_SET_PDEATHSIG)``, set by a
+small exec wrapper), and each rank runs :func:`exit_with_parent`, a watchdog thread that ends the rank
+when the launching process (named in ``$PPD_PARENT_PROCESS``, pid and start time) or the rank's own
+parent is gone. The launchers' intermediate processes are third-party; the ranks' watchdog does not
+depend on them. Without it, orphaned ranks went on training into the stage's partial directory while a
+rerun trained into it a second time.
+
 The workers' output is streamed to the caller's stderr and a log file as it comes. A failed run is
 reported in one line: the exit code, the last error line of that log and its path; the log is not
 repeated. A worker that exits with an error (a bad checkpoint, a config the backbone refuses) failed
@@ -22,7 +30,9 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from ppd_core.errors import StageError
@@ -92,19 +102,151 @@ def _sigterm_raises():
         signal.signal(signal.SIGTERM, previous)
 
 
+# -------------------------------------------------------------------------------- dying with the parent
+
+PARENT_ENV = "PPD_PARENT_PROCESS"
+EXIT_ORPHANED = 3  # a rank's exit code when its launching process was gone
+# exec wrapper: the parent-death signal survives exec, so the launcher is ended when the thread of ours that
+# started it (blocked in run() until the launcher exits) dies with its process
+_PDEATHSIG_EXEC = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None).prctl(1, ctypes.c_ulong(signal.SIGTERM))  # PR_SET_PDEATHSIG\n"
+    "if os.getppid() != int(sys.argv[1]): sys.exit(128 + signal.SIGTERM)  # the parent died before prctl\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def _with_parent_death_signal(cmd: Sequence[str]) -> list[str]:
+    if not sys.platform.startswith("linux"):
+        return list(cmd)
+    return [sys.executable, "-c", _PDEATHSIG_EXEC, str(os.getpid()), *cmd]
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), "" where /proc is absent, None if no such process
+    is running (a zombie counts as gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return None
+    except OSError:  # no procfs
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return ""
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def process_token(pid: int | None = None) -> str:
+    """``host:pid:start time`` naming one process (a later process reusing the pid does not match)."""
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()}:{pid}:{_start_time(pid) or ''}"
+
+
+def process_alive(token: str) -> bool:
+    """Whether the process named by :func:`process_token` still runs (assumed so when it is on another host)."""
+    host, pid, start = token.rsplit(":", 2)
+    if host != socket.gethostname():
+        return True
+    now = _start_time(int(pid))
+    return now is not None and (not start or not now or now == start)
+
+
+def watch_parent(
+    token: str | None,
+    on_gone: Callable[[str], None],
+    interval_s: float = 1.0,
+) -> threading.Thread:
+    """Start a daemon thread that calls ``on_gone(reason)`` once, when the process named by ``token`` (if
+    any) or this process's parent is gone; the thread then ends."""
+    ppid = os.getppid()
+
+    def gone() -> str | None:
+        if token and not process_alive(token):
+            return f"the ppd process that launched training ({token}) is gone"
+        if os.getppid() != ppid:
+            return f"its parent process {ppid} is gone"
+        return None
+
+    def loop() -> None:
+        while (reason := gone()) is None:
+            time.sleep(interval_s)
+        on_gone(reason)
+
+    thread = threading.Thread(target=loop, name="ppd-parent-watchdog", daemon=True)
+    thread.start()
+    return thread
+
+
+def exit_with_parent(interval_s: float = 1.0) -> threading.Thread:
+    """In a rank: end this process (exit code :data:`EXIT_ORPHANED`) as soon as the process that launched
+    training (``$PPD_PARENT_PROCESS``) or this rank's parent is gone, so that no rank outlives a killed ``ppd``."""
+
+    def end(reason: str) -> None:
+        with contextlib.suppress(Exception):
+            sys.stderr.write(f"ppd rank {os.getpid()}: exiting, {reason}\n")
+            sys.stderr.flush()
+        os._exit(EXIT_ORPHANED)
+
+    return watch_parent(os.environ.get(PARENT_ENV), end, interval_s)
+
+
+def ranks_lock_path(run_dir: Path) -> Path:
+    """Beside the run directory: every rank holds it shared while it runs (:func:`hold_as_rank`)."""
+    run_dir = Path(run_dir)
+    return run_dir.with_name(f"{run_dir.name}.ranks.lock")
+
+
+def hold_as_rank(path: Path) -> int:
+    """In a rank: hold ``path`` shared until this process ends (the OS releases it, ``kill -9`` included)."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+def wait_for_ranks(path: Path, on_wait: Callable[[str], None] | None = None) -> None:
+    """Before launching into a run directory: wait until no rank of an earlier launch holds ``path`` (one
+    whose launching process was killed ends within seconds, see :func:`exit_with_parent`)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait(
+                    f"training ranks of an earlier launch still run in {path.parent}; waiting for them to end"
+                )
+            fcntl.flock(fd, fcntl.LOCK_EX)
+    finally:
+        os.close(fd)  # releases the lock: the caller launches the next ranks while holding the stage's lock
+
+
 def run(
     cmd: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None, grace_s: float = 10.0
 ) -> None:
     """Run ``cmd`` in its own session, streaming output to ``log_path`` (and this process's stderr).
 
     Raises StageError on a non-zero exit; kills the whole process group if interrupted (an exception,
-    Ctrl-C, or SIGTERM to this process)."""
-    full_env = {**os.environ, **(env or {})}
+    Ctrl-C, or SIGTERM to this process). When this process dies without a chance to do that, the launcher
+    gets SIGTERM (parent-death signal) and the ranks end themselves (:func:`exit_with_parent`)."""
+    full_env = {**os.environ, **(env or {}), PARENT_ENV: process_token()}
     full_env.setdefault("PYTHONUNBUFFERED", "1")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log, _sigterm_raises():
         proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
+            _with_parent_death_signal(cmd),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            start_new_session=True,
         )
         try:
             for line in proc.stdout:

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from ppd_core.config import BackboneConfig, PretrainConfig
 from ppd_core.data.fewshot import read_pairs
-from ppd_core.data.images import ImageStore
+from ppd_core.data.images import ingest_images
 from ppd_core.data.world_render import (
     ATTRIBUTES,
     CAPTIONS,
@@ -55,7 +55,7 @@ from ppd_core.data.world_render import (
     measure_attributes,
     render_images,
 )
-from ppd_core.errors import ConfigError, StageError
+from ppd_core.errors import ConfigError
 from ppd_core.models.grids import save_grid, to_uint8
 from ppd_core.models.sampling import sample
 from ppd_core.models.toy import ToyBackbone
@@ -87,10 +87,7 @@ def training_examples(ingest_dir: Path, resolution: int) -> tuple[list[str], tor
         | set(zip(pairs.column("loser_uid").to_pylist(), captions, strict=True))
     )
     uids = sorted({uid for uid, _ in examples})
-    try:
-        store = ImageStore(Path(ingest_dir) / "images")
-    except FileNotFoundError as e:
-        raise StageError(f"pretrain needs the ingested images: {e}") from None
+    store = ingest_images(ingest_dir)
     pixels = store.get_array(uids, size=resolution)  # (U, R, R, 3)
     row = {uid: i for i, uid in enumerate(uids)}
     images = torch.from_numpy(pixels[[row[uid] for uid, _ in examples]])  # (N, R, R, 3) uint8

@@ -4,7 +4,8 @@ The stage directory is the run directory: ``train_spec.json``, ``launch.log``, `
 ``validation.jsonl``, ``tensorboard/``, ``checkpoints/step-*/`` (rotated, ``_COMPLETE`` marker),
 ``export/`` (adapter safetensors, user_embeddings.parquet, model card) and ``summary.json``. The
 partial directory survives a crash, so re-running the stage resumes from the newest complete
-checkpoint.
+checkpoint; every rank holds ``<run>.ranks.lock`` (beside the run directory) shared while it runs, and a
+new launch waits until no earlier rank holds it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -57,12 +59,16 @@ def train_stage(
 ) -> dict:
     """Launch the ranks for ``trainer`` conditioned on ``embedder`` (default: ``cfg.embed.default``);
     ``progress(step, steps)`` is called every few seconds from the rank-0 metrics log."""
+    ranks_lock = launch.ranks_lock_path(out_dir)
+    # ranks of an earlier launch (whose ppd was killed) must be gone before anything here is written again
+    launch.wait_for_ranks(ranks_lock, on_wait=lambda message: print(message, file=sys.stderr, flush=True))
     spec = {
         "config": cfg.model_dump(mode="json"),
         "trainer": trainer,
         "embedder": embedder or cfg.embed.default,
         "run_dir": str(out_dir),
         "dirs": {k: str(v) for k, v in dirs.items()},
+        "ranks_lock": str(ranks_lock),
     }
     spec_path = out_dir / "train_spec.json"
     atomic_write_json(spec_path, spec)

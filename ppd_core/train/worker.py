@@ -9,7 +9,12 @@ timestep per pair shared by both images, user tokens from the pair's conditionin
 from one constant embedding (dpo, sft), user-embedding dropout to the null user, the policy and
 reference per-sample MSE, the loss, ``engine.backward``/``engine.step``. Noise, timesteps and dropout
 come from a generator seeded by (seed, step, rank), and the pair order is a pure function of the
-step, so ``resume: latest`` after ``kill -9`` continues exactly.
+step, so ``resume: latest`` after ``kill -9`` continues exactly: rank 0 first drops what the killed attempt
+logged after the resumed checkpoint (``metrics.jsonl`` and ``validation.jsonl`` lines past its step,
+TensorBoard events through ``purge_step``), so every step is in the logs once.
+
+A rank ends itself when the process that launched training is gone (:func:`launch.exit_with_parent`), and
+holds the run's ranks lock while it runs (:func:`launch.hold_as_rank`).
 """
 
 from __future__ import annotations
@@ -18,19 +23,20 @@ import argparse
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from ppd_core.config import BETA_DPO_DEFAULTS, PPDConfig
+from ppd_core.data.fewshot import read_fewshot
 from ppd_core.embed.extract import read_embeddings
-from ppd_core.manifest import atomic_write_json
+from ppd_core.manifest import atomic_write_json, truncate_jsonl
 from ppd_core.models.adapter import embedding_dropout
 from ppd_core.models.factory import load_backbone
-from ppd_core.train import checkpoint
+from ppd_core.train import checkpoint, launch
 from ppd_core.train.cache import LatentCache
 from ppd_core.train.losses import diffusion_dpo_loss, per_sample_mse, sft_loss
 from ppd_core.train.sampler import PairSampler
@@ -64,7 +70,7 @@ class TrainData:
 
     def __init__(self, spec: dict, trainer: str, device: torch.device):
         dirs = {k: Path(v) for k, v in spec["dirs"].items()}
-        pairs = pq.read_table(dirs["fewshot"] / "train_pairs.parquet")
+        pairs = read_fewshot(dirs["fewshot"], "train_pairs")
         self.pairs = pairs.to_pylist()
         if not self.pairs:
             raise RuntimeError("no training pairs")
@@ -185,7 +191,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--spec", required=True, type=Path)
     ap.add_argument("--local_rank", type=int, default=None)  # passed by the deepspeed launcher
     args = ap.parse_args(argv)
+    launch.exit_with_parent()
     spec = json.loads(args.spec.read_text())
+    if spec.get("ranks_lock"):
+        launch.hold_as_rank(Path(spec["ranks_lock"]))
     cfg = PPDConfig.model_validate(spec["config"])
     trainer, run_dir = spec["trainer"], Path(spec["run_dir"])
 
@@ -235,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         if loaded is not None:
             start, rng = loaded
             checkpoint.restore_rng(rng["global"])
-    eval_rows = pq.read_table(Path(spec["dirs"]["fewshot"]) / "eval_pairs.parquet").to_pylist()
+    eval_rows = read_fewshot(spec["dirs"]["fewshot"], "eval_pairs").to_pylist()
     eval_rows = [r for r in eval_rows if r["split"] == "seen" and r["user_id"] in data.user_first_set][
         : t.heldout_pairs
     ]
@@ -247,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
         from tqdm.auto import tqdm
 
-        writer = SummaryWriter(str(run_dir / "tensorboard"))
+        writer = SummaryWriter(str(run_dir / "tensorboard"), **forget_after(run_dir, start))
         bar = tqdm(
             total=t.steps, initial=start, desc=f"train {trainer}", unit="step", disable=None, mininterval=1.0
         )
@@ -312,11 +321,23 @@ def main(argv: list[str] | None = None) -> None:
     barrier()
 
 
+def forget_after(run_dir: Path, start: int) -> dict:
+    """Rank 0, before training from step ``start``: drop what an interrupted attempt logged past it, so a
+    resumed run logs every step once. Returns the SummaryWriter options: from scratch the old event files
+    are removed; on resume TensorBoard discards their events past ``start`` (``purge_step``)."""
+    for name in ("metrics.jsonl", "validation.jsonl"):
+        truncate_jsonl(run_dir / name, start)
+    if start == 0:
+        shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+        return {}
+    return {"purge_step": start + 1}  # steps 1..start were logged before the checkpoint at start
+
+
 def _finish(cfg, spec, adapter, backbone, data: TrainData, run_dir: Path, step_times, data_times) -> None:
     """Rank 0: export the adapter and write the run summary."""
     import pyarrow as pa
 
-    from ppd_core.models.export import export_adapter
+    from ppd_core.models.export import export_adapter, export_dir
 
     table, emb = read_embeddings(Path(spec["dirs"]["embed"]), spec["embedder"])
     users = pa.table(
@@ -332,7 +353,7 @@ def _finish(cfg, spec, adapter, backbone, data: TrainData, run_dir: Path, step_t
     export_adapter(
         adapter,
         backbone,
-        run_dir / "export",
+        export_dir(run_dir),
         cfg.model_dump(mode="json"),
         users,
         step=cfg.train.steps,

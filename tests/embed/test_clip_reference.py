@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from ppd_core.config import EmbedderSpec, QuirkRates, TinyModelsConfig, WorldConfig
 from ppd_core.data.synthetic import SyntheticWorld, decode_jpeg, synthesize
-from ppd_core.embed.base import Shot, ShotSet, weights_digest
+from ppd_core.embed.base import Shot, ShotSet
 from ppd_core.embed.clip import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -28,6 +28,7 @@ from ppd_core.embed.clip import (
 )
 from ppd_core.embed.reference import TrueAttributeDiffEmbedder, TruePreferenceEmbedder, world_digest
 from ppd_core.errors import ConfigError
+from ppd_core.weights import files_digest
 
 TINY = TinyModelsConfig()
 NO_QUIRKS = QuirkRates(tie=0, unlabeled=0, identical=0, missing_caption=0, duplicate=0, bad_image=0)
@@ -100,9 +101,9 @@ def test_tiny_open_clip_is_deterministic(tiny_dir, tmp_path):
 
 def test_tiny_open_clip_rebuild_replaces_the_directory(tmp_path):
     first = build_tiny_open_clip(tmp_path / "m", TINY.model_copy(update={"seed": 1}))
-    digest = weights_digest([first / WEIGHTS_FILE])
+    digest = files_digest([first / WEIGHTS_FILE])
     second = build_tiny_open_clip(tmp_path / "m", TINY)
-    assert weights_digest([second / WEIGHTS_FILE]) != digest
+    assert files_digest([second / WEIGHTS_FILE]) != digest
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no staging leftovers
 
 
@@ -137,7 +138,7 @@ def test_resolve_clip_source(tiny_dir, spec, model_name, pretrained, model_id):
     assert source.pretrained == pretrained
     assert source.model_id == model_id
     if model_name.startswith("local-dir:"):
-        assert source.weights_digest == weights_digest([tiny_dir / WEIGHTS_FILE])
+        assert source.weights_digest == files_digest([tiny_dir / WEIGHTS_FILE])
     elif pretrained:
         assert source.weights_digest == pretrained
 
@@ -211,7 +212,7 @@ def test_clip_identity_follows_the_weights(clip, tiny_dir, tmp_path):
     other = CLIPDiffEmbedder.from_spec(EmbedderSpec(name="c", kind="clip_diff"), other_dir)
     ident = clip.identity()
     assert ident["kind"] == "clip_diff"
-    assert ident["weights_digest"] == weights_digest([tiny_dir / WEIGHTS_FILE])
+    assert ident["weights_digest"] == files_digest([tiny_dir / WEIGHTS_FILE])
     assert ident["image_size"] == [TINY.clip_image_size, TINY.clip_image_size]
     assert other.identity()["weights_digest"] != ident["weights_digest"]
     assert {k: v for k, v in other.identity().items() if k != "weights_digest"} == {

@@ -13,12 +13,12 @@ import torch
 
 from ppd_core import pipeline
 from ppd_core.config import load_config
-from ppd_core.embed.base import weights_digest
 from ppd_core.embed.encoder import EncoderEmbedder
 from ppd_core.embed.encoder_model import WEIGHTS_FILE, PreferenceEncoder
 from ppd_core.embed.encoder_stage import EncoderInputs, draw_batch, encoder_stage, seen_user_pairs
 from ppd_core.embed.extract import read_embeddings, shot_sets_by_id, to_shot_set
 from ppd_core.embed.features import FeatureTable
+from ppd_core.weights import files_digest
 
 FAST = [
     "world.num_users=24",
@@ -118,7 +118,7 @@ def test_stage_outputs_and_embedding_shards(tmp_path):
     table, emb = read_embeddings(embed_dir, "encoder")
     schema = pq.read_schema(sorted((embed_dir / "encoder").glob("shard-*.parquet"))[0])
     identity = json.loads(schema.metadata[b"embedder_identity"])
-    assert identity["kind"] == "encoder" and identity["weights_digest"] == weights_digest(
+    assert identity["kind"] == "encoder" and identity["weights_digest"] == files_digest(
         [enc_dir / WEIGHTS_FILE]
     )
     assert json.loads(schema.metadata[b"embedding_shape"]) == [cfg.encoder.z_dim]

@@ -1,4 +1,4 @@
-"""The tiny offline VLM (ppd_core.embed.tiny_vlm) and the VLM embedder (ppd_core.embed.vlm).
+"""The tiny offline VLM (ppd_core.tiny.vlm) and the VLM embedder (ppd_core.embed.vlm).
 
 One tiny LLaVA-OneVision is built per module and loaded back through the Auto* classes, the path
 a real checkpoint takes; every read-out runs on it.
@@ -19,7 +19,6 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from ppd_core.config import EmbedderSpec, TinyModelsConfig
 from ppd_core.embed.base import Shot, ShotSet
-from ppd_core.embed.tiny_vlm import build_tiny_vlm
 from ppd_core.embed.vlm import (
     VLMEmbedder,
     build_messages,
@@ -28,6 +27,7 @@ from ppd_core.embed.vlm import (
     last_decoding_step,
 )
 from ppd_core.errors import ConfigError, InputError
+from ppd_core.tiny.vlm import build_tiny_vlm
 
 CFG = TinyModelsConfig(seed=0)
 CAPTIONS = ["a red circle", "a blue square", "an orange cross", "a green triangle", "a purple diamond"]

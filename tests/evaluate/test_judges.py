@@ -16,7 +16,6 @@ from PIL import Image
 from ppd_core.config import JudgeSpec, TinyModelsConfig, WorldConfig
 from ppd_core.data.world_render import ATTRIBUTES, CAPTIONS, SyntheticWorld, render_images
 from ppd_core.embed.base import Shot, ShotSet
-from ppd_core.embed.tiny_vlm import build_tiny_vlm
 from ppd_core.errors import ConfigError, InputError
 from ppd_core.evaluate.judges import (
     ANSWER_LINE,
@@ -33,6 +32,7 @@ from ppd_core.evaluate.judges import (
     load_judge,
     shot_order_rng,
 )
+from ppd_core.tiny.vlm import build_tiny_vlm
 
 BRIGHT, DARK = 0, 1  # users of the test world: one likes a bright background, one a dark one
 
@@ -85,7 +85,7 @@ def shot_set(user: int, shots: int = 4) -> ShotSet:
 
 
 class MeanPixelReward:
-    """The Reward interface (ppd_core.evaluate.rewards): brightness scores; per user, user 1 flips it."""
+    """The Reward interface (ppd_core.rewards.scorers): brightness scores; per user, user 1 flips it."""
 
     def __init__(self, per_user: bool = False) -> None:
         self.name = "mean-pixel"

@@ -114,3 +114,43 @@ def test_report_renders_in_headless_chromium(evaluated, tmp_path):
         timeout=120,
     )
     assert shot.is_file() and shot.stat().st_size > 10_000
+
+
+def test_report_is_written_for_people(evaluated):
+    """First the headline in sentences and the targets' verdicts; then per-user panels (the user's shot pairs,
+    then base / PPD / ceiling images for the same prompts and seed, each with the user's reward); long tables
+    folded, with links to their full files that resolve beside the report."""
+    import html as html_lib
+    import re
+
+    cfg, out = evaluated
+    text = (out / "report.html").read_text()
+    headline = text[text.index('<section id="headline">') : text.index('<section id="users">')]
+    assert "New users, given 4 labelled pairs each: PPD&#x27;s images beat the base model&#x27;s" in headline
+    assert "Seen users" in headline and "population DPO" in headline and "true preference vector" in headline
+    summary = json.loads((out / "summary.json").read_text())
+    verdicts = re.findall(r'<li class="(met|miss|info)">', headline)
+    assert len(verdicts) == len(summary["targets"])
+
+    requests = pq.read_table(out / "requests.parquet").to_pylist()
+    models = set(pq.read_table(out / "images.parquet").column("model").to_pylist())
+    shown = [m for m in ("base", "ppd", "ppd_shots", "ppd_true") if m in models]
+    panels = re.findall(
+        r'<section class="panel" data-user="(\d+)" data-group="(\w+)">(.*?)</section>', text, re.S
+    )
+    assert {g for _, g, _ in panels} == {"seen", "unseen"} and len(panels) == 4
+    for user, _, body in panels:
+        prompts = [r for r in requests if r["user_id"] == int(user) and r["seed"] == 0][:4]
+        assert body.count('alt="preferred"') == body.count('alt="dispreferred"') == cfg.fewshot.shots
+        assert body.count('class="cell gen"') == len(shown) * len(prompts)
+        assert body.count('<span class="r">') == len(shown) * len(prompts)  # the oracle's reward under each
+
+    folded = re.findall(r'<details class="fold"><summary>(.*?)</summary>', text, re.S)
+    assert any("Per-user win rates" in f for f in folded) and any(
+        "Win rates, all judges" in f for f in folded
+    )
+    links = [html_lib.unescape(h) for h in re.findall(r'<a href="([^"]+)"', text)]
+    assert "tables/win_rates_per_user.csv" in links and "win_rates_per_user.parquet" in links
+    for link in links:
+        assert (out / link).is_file(), link
+    assert text.count("interpolation between reward users") >= 1

@@ -43,7 +43,9 @@ def test_deploy_file_defines_valid_scheduled_deployments():
     assert [s["name"] for s in specs] == NAMES
     for spec in specs:
         pipeline.expand(spec["parameters"]["stages"], cfg)  # every stage name exists
-        assert [s.cron for s in schedules_of(spec)] and spec["entrypoint"] == "flows/data.py:data_flow"
+        assert [s.cron for s in schedules_of(spec)] and spec[
+            "entrypoint"
+        ] == "flows/pipeline.py:pipeline_flow"
 
 
 def test_cron_schedules_produce_scheduled_runs(api, prefect_server, tmp_path):

@@ -32,7 +32,7 @@ def test_status_reflects_the_run_just_made(ppd_json, prefect_server, tmp_path):
         assert shown["state"] == "Completed" and not shown["cached"] and shown["start"]
         assert shown["counts"] == made["counts"] and shown["counts_from"] == "result"
         assert shown["output_dir"] == made["output_dir"] and shown["seconds"] is not None
-    assert status["flow_runs"][0]["flow"] == "ppd-data" and status["flow_runs"][0]["state"] == "Completed"
+    assert status["flow_runs"][0]["flow"] == "ppd-pipeline" and status["flow_runs"][0]["state"] == "Completed"
 
     ppd_json("run", "--root", root, "--stages", "fewshot", *TINY_WORLD)  # everything cached now
     again = _stages(ppd_json("status", "--root", root))
@@ -86,7 +86,7 @@ def test_retried_flow_run_recomputes_only_the_failed_stage(ppd, api, prefect_ser
     staged.rename(model)  # the user fixes the input
     env = {**server_env, "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(root / ".prefect" / "results")}
     retry = subprocess.run(
-        [PREFECT, "flow-run", "retry", str(flow_run.id), "--entrypoint", "flows/data.py:data_flow"],
+        [PREFECT, "flow-run", "retry", str(flow_run.id), "--entrypoint", "flows/pipeline.py:pipeline_flow"],
         capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
     )  # fmt: skip
     assert retry.returncode == 0, retry.stdout[-3000:] + retry.stderr[-3000:]

@@ -1,12 +1,13 @@
 """Resumable pair order, checkpoint rotation/markers, and the process-group launcher."""
 
+import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ import torch
 from ppd_core.errors import StageError
 from ppd_core.train import checkpoint, launch
 from ppd_core.train.sampler import PairSampler
+from tests.conftest import running as _alive
 
 
 def test_sampler_is_a_pure_function_of_the_step():
@@ -174,13 +176,84 @@ def test_sigterm_to_the_caller_kills_the_whole_process_group(tmp_path):
     assert not _alive(grandchild)
 
 
-def _alive(pid: int) -> bool:
-    """Running (a zombie waiting for its reaper counts as dead)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"
+def test_watchdog_tells_when_the_launching_process_is_gone():
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    token = launch.process_token(gone.pid)
+    gone.wait()
+    assert not launch.process_alive(token) and launch.process_alive(launch.process_token())
+    assert not launch.process_alive(
+        f"{launch.process_token().rsplit(':', 1)[0]}:1"
+    )  # our pid, another start time
+    reasons: list[str] = []
+    launch.watch_parent(token, reasons.append, interval_s=0.05).join(10)
+    assert reasons and "is gone" in reasons[0]
+    alive: list[str] = []
+    launch.watch_parent(launch.process_token(), alive.append, interval_s=0.05).join(0.3)
+    assert not alive
+
+
+def test_a_killed_caller_takes_the_launcher_and_its_ranks_with_it(tmp_path):
+    """``kill -9`` of the process in launch.run (``ppd``) runs no handler: the launcher dies of its parent-death
+    signal and a rank it started (reparented, in the launcher's session) ends through its watchdog."""
+    pids = tmp_path / "pids"
+    rank = "import time; from ppd_core.train import launch\nlaunch.exit_with_parent(0.1)\ntime.sleep(600)"
+    launcher = (
+        "import os, subprocess, sys, time\n"
+        f"rank = subprocess.Popen([sys.executable, '-c', {rank!r}])\n"
+        f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{rank.pid}}')\n"
+        "time.sleep(600)"
+    )
+    caller = (
+        "import sys; from pathlib import Path; from ppd_core.train import launch\n"
+        f"launch.run([sys.executable, '-c', {launcher!r}], Path({str(tmp_path / 'log.txt')!r}))"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", caller])
+    deadline = time.time() + 60
+    while not (pids.exists() and pids.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    launcher_pid, rank_pid = map(int, pids.read_text().split())
+    time.sleep(1.0)  # the rank's watchdog is running
+    assert _alive(launcher_pid) and _alive(rank_pid)
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 20
+    while (_alive(launcher_pid) or _alive(rank_pid)) and time.time() < deadline:
+        time.sleep(0.1)
+    survivors = [p for p in (launcher_pid, rank_pid) if _alive(p)]
+    for p in survivors:
+        os.kill(p, signal.SIGKILL)
+    assert not survivors
+
+
+def test_a_new_launch_waits_for_ranks_of_an_earlier_one(tmp_path):
+    lock = launch.ranks_lock_path(tmp_path / "run")
+    hold = f"import time; from pathlib import Path; from ppd_core.train import launch\nlaunch.hold_as_rank(Path({str(lock)!r})); print('held', flush=True); time.sleep(1.5)"
+    rank = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+    assert rank.stdout.readline().strip() == "held"
+    waits: list[str] = []
+    t0 = time.monotonic()
+    launch.wait_for_ranks(lock, waits.append)
+    assert time.monotonic() - t0 > 0.5 and len(waits) == 1 and rank.wait(10) == 0
+    launch.wait_for_ranks(lock, waits.append)  # nobody holds it now: no wait
+    assert len(waits) == 1
+
+
+def test_resume_forgets_what_was_logged_past_the_checkpoint(tmp_path):
+    """Rank 0 resuming at the step-4 checkpoint keeps steps 1..4 of the logs once (a killed attempt had logged
+    5 and half of 6); from scratch (no checkpoint) it starts the logs and TensorBoard afresh."""
+    from ppd_core.train.worker import forget_after
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(f'{{"step": {s}, "loss": 0.5}}\n' for s in range(1, 6)) + '{"step": 6, "lo')
+    (tmp_path / "validation.jsonl").write_text('{"step": 2, "acc": 0.5}\n{"step": 4, "acc": 0.6}\n')
+    (tmp_path / "tensorboard").mkdir()
+    (tmp_path / "tensorboard" / "events.out.tfevents.1").write_bytes(b"x")
+    assert forget_after(tmp_path, 4) == {"purge_step": 5}  # TensorBoard hides the old events from step 5 on
+    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == [1, 2, 3, 4]
+    assert len((tmp_path / "validation.jsonl").read_text().splitlines()) == 2  # both at or before step 4
+    assert (tmp_path / "tensorboard" / "events.out.tfevents.1").exists()
+    assert forget_after(tmp_path, 0) == {}
+    assert metrics.read_text() == "" and not (tmp_path / "tensorboard").exists()
 
 
 def test_rng_file_loads_with_weights_only_and_restores_exactly(tmp_path):

@@ -12,9 +12,10 @@ import pytest
 from ppd_core import pipeline
 from ppd_core.config import RelabelConfig, RewardSpec, load_config
 from ppd_core.data.fewshot import read_pairs, unseen_score
-from ppd_core.data.relabel import read_reward_users, relabel, reward_user_ids
-from ppd_core.embed.extract import image_store
-from ppd_core.evaluate.rewards import load_reward
+from ppd_core.data.images import ingest_images
+from ppd_core.data.world_render import world_dir
+from ppd_core.rewards.relabel import read_reward_users, relabel, reward_user_ids
+from ppd_core.rewards.scorers import load_reward
 from ppd_core.schemas import PAIRS, REWARD_USERS
 
 TINY = [
@@ -36,7 +37,7 @@ def world_run(tmp_path_factory):
 
 
 def _pixels(ingest_dir, uids) -> np.ndarray:
-    store = image_store(ingest_dir)
+    store = ingest_images(ingest_dir)
     return np.stack([np.asarray(store.get_pil(u).convert("RGB")) for u in uids])  # (N, H, W, 3)
 
 
@@ -46,7 +47,7 @@ def test_every_relabelled_winner_scores_higher_under_its_reward(world_run):
     users = read_reward_users(relabelled)
     assert list(users) == list(cfg.relabel.rewards)
     pairs = read_pairs(relabelled)
-    world = pipeline.world_dir({"synthesize": out["synthesize"].directory})
+    world = world_dir({"synthesize": out["synthesize"].directory})
     for spec in cfg.relabel_rewards():
         mine = pairs.filter(pairs["user_id"].to_numpy() == users[spec.name]).to_pylist()
         assert 0 < len(mine) <= cfg.relabel.rows_per_reward
@@ -90,7 +91,7 @@ def test_reward_users_are_new_always_seen_users_of_fewshot(world_run):
 
 def test_relabel_is_deterministic(world_run, tmp_path):
     cfg, out = world_run
-    world = pipeline.world_dir({"synthesize": out["synthesize"].directory})
+    world = world_dir({"synthesize": out["synthesize"].directory})
     again = relabel(cfg.relabel, cfg.relabel_rewards(), out["ingest"].directory, tmp_path, world_dir=world)
     assert again == out["relabel"].manifest.counts
     assert read_pairs(tmp_path).equals(read_pairs(out["relabel"].directory))

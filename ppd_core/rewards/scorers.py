@@ -20,7 +20,7 @@ returns the raw cosine, ~0.27); CLIP score as torchmetrics' ``CLIPScore``. Every
 reward preprocesses with the model's own processor / open_clip transform.
 
 Weights: ``RewardSpec.model`` None means the tiny offline weights the tiny_models stage wrote to
-``<tiny_models>/rewards/<kind>/`` (:mod:`ppd_core.evaluate.tiny_rewards`) in the real formats;
+``<tiny_models>/rewards/<kind>/`` (:mod:`ppd_core.tiny.rewards`) in the real formats;
 they go through the very same loaders, only the location differs. Before a weight file is loaded
 its sha256 is checked against ``spec.sha256``, else the digest recorded when the tiny weights were
 built, else :data:`PUBLISHED_SHA256`; a file with no known digest loads unchecked, and its digest
@@ -30,7 +30,6 @@ is still part of :meth:`Reward.identity`.
 from __future__ import annotations
 
 import abc
-import hashlib
 import json
 import re
 from collections.abc import Iterable, Sequence
@@ -45,6 +44,7 @@ from torch import nn
 
 from ppd_core.config import RewardSpec
 from ppd_core.errors import RewardError
+from ppd_core.weights import resolve_device, weight_file_sha256
 
 TINY_DIR = "rewards"  # under the tiny_models output: rewards/<kind>/
 TINY_RECORD = "reward.json"  # {"model", "processor", "sha256"} of one tiny reward, paths relative to its dir
@@ -142,14 +142,6 @@ class Reward(abc.ABC):
         """At most BATCH_SIZE images (B, H, W, 3) -> scores (B,)."""
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify_file(path: Path, expected: str | None, names: Iterable[str] = ()) -> str:
     """sha256 of ``path``; raises RewardError when it differs from ``expected`` or, when that is None,
     from the published digest of any of ``names`` (:data:`PUBLISHED_SHA256` keys)."""
@@ -157,7 +149,7 @@ def verify_file(path: Path, expected: str | None, names: Iterable[str] = ()) -> 
     if expected is None:
         key = next((n for n in names if n in PUBLISHED_SHA256), None)
         expected, source = (PUBLISHED_SHA256[key], f"the published sha256 of {key}") if key else (None, "")
-    actual = file_sha256(path)
+    actual = weight_file_sha256(path)
     if expected is not None and actual != expected.lower():
         raise RewardError(
             f"{path}: sha256 {actual} does not match {source} {expected.lower()} "
@@ -598,7 +590,6 @@ def load_reward(
         if spec.attribute is None:
             raise RewardError(f"reward {spec.name}: oracle_attribute needs `attribute`")
         return AttributeReward(spec.name, world, digest, spec.attribute)
-    from ppd_core.embed.extract import resolve_device
 
     return _MODEL_LOADERS[spec.kind](spec, _source(spec, tiny_models_dir), resolve_device(device))
 

@@ -15,8 +15,8 @@ from ppd_core.data.world_render import CAPTIONS
 
 def build_tiny_models(cfg: TinyModelsConfig, out_dir: Path) -> dict:
     from ppd_core.embed.clip import build_tiny_open_clip
-    from ppd_core.embed.tiny_vlm import build_tiny_vlm
-    from ppd_core.evaluate.tiny_rewards import build_tiny_rewards
+    from ppd_core.tiny.rewards import build_tiny_rewards
+    from ppd_core.tiny.vlm import build_tiny_vlm
 
     build_tiny_vlm(out_dir / "vlm", cfg, corpus=CAPTIONS)
     build_tiny_open_clip(out_dir / "open_clip", cfg)

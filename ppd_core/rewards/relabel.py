@@ -162,15 +162,14 @@ def relabel(
     world_dir: Path | None = None,
 ) -> dict:
     """Stage body: relabel a sample of ingested pairs by each reward, write ``out_dir``, return counts."""
-    from ppd_core.embed.extract import image_store
-    from ppd_core.evaluate.rewards import load_rewards
+    from ppd_core.data.images import has_ingest_images, ingest_images
+    from ppd_core.rewards.scorers import load_rewards
 
     ingest_dir, out_dir = Path(ingest_dir), Path(out_dir)
     pairs = read_pairs(ingest_dir)
     skipped: dict[str, str] = {}
-    index = ingest_dir / "images" / "index.parquet"
-    if index.is_file():
-        stored = pq.read_table(index, columns=["image_uid"]).column("image_uid").combine_chunks()
+    if has_ingest_images(ingest_dir):
+        stored = pa.array(ingest_images(ingest_dir).uids, pa.string())
         with_images = pairs.filter(
             pc.and_(pc.is_in(pairs["winner_uid"], stored), pc.is_in(pairs["loser_uid"], stored))
         )
@@ -180,7 +179,7 @@ def relabel(
         skipped = {s.name: f"{ingest_dir} holds no images (metadata-only ingestion)" for s in specs}
     with_images = with_images.select(PAIRS.names)
     users = reward_user_ids([r.name for r in rewards], set(pairs["user_id"].to_pylist()), cfg.seed)
-    store = image_store(ingest_dir) if rewards else None
+    store = ingest_images(ingest_dir) if rewards else None
     tables, rows = [], []
     for reward in rewards:
         sample = _sample(with_images, cfg.rows_per_reward, cfg.seed, reward.name)

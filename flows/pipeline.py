@@ -1,5 +1,6 @@
-"""The data flow: synthesize (toy) -> ingest -> [tiny_models] -> relabel -> fewshot -> encoder -> embed -> probe, each a cached
-Prefect task.
+"""The pipeline flow: every registered stage that the requested ones need, in pipeline order (synthesize ->
+ingest -> tiny_models -> relabel -> fewshot -> encoder -> embed -> probe -> pretrain -> cache_latents ->
+train_* -> evaluate), each one cached Prefect task built from the stage registry.
 
 A stage is a cache hit when Prefect holds a record for its fingerprint *and* its output directory
 verifies against its manifest; a missing or tampered directory forces a refresh of that stage only.
@@ -16,42 +17,14 @@ from flows.runs import record_flow_process
 from ppd_core import pipeline
 from ppd_core.config import PPDConfig
 from ppd_core.manifest import is_complete, load_manifest
-from tasks.embed import embed_task
-from tasks.encoder import encoder_task
-from tasks.evaluate import evaluate_task
-from tasks.fewshot import fewshot_task
-from tasks.ingest import ingest_task
-from tasks.probe import probe_task
-from tasks.relabel import relabel_task
-from tasks.synthesize import synthesize_task
-from tasks.tiny_models import tiny_models_task
-from tasks.train import cache_latents_task, pretrain_task, train_task
-
-STAGE_TASKS = {
-    "synthesize": synthesize_task,
-    "ingest": ingest_task,
-    "tiny_models": tiny_models_task,
-    "relabel": relabel_task,
-    "fewshot": fewshot_task,
-    "encoder": encoder_task,
-    "embed": embed_task,
-    "probe": probe_task,
-    "pretrain": pretrain_task,
-    "cache_latents": cache_latents_task,
-    "train_ppd": train_task.with_options(name="train_ppd"),
-    "train_dpo": train_task.with_options(name="train_dpo"),
-    "train_sft": train_task.with_options(name="train_sft"),
-    "train_ppd_true": train_task.with_options(name="train_ppd_true"),
-    "train_ppd_shots": train_task.with_options(name="train_ppd_shots"),
-    "evaluate": evaluate_task,
-}
+from tasks.stage import task_for
 
 
 # no flow-level retries: each stage task retries its own transient failures, and a rerun of the flow
 # resumes from the stages that completed (every stage is cached)
-@flow(name="ppd-data", validate_parameters=True)
-def data_flow(config: PPDConfig, stages: list[str] | None = None) -> list[dict[str, Any]]:
-    """Run the requested data stages (and whatever upstream they need) for one config."""
+@flow(name="ppd-pipeline", validate_parameters=True)
+def pipeline_flow(config: PPDConfig, stages: list[str] | None = None) -> list[dict[str, Any]]:
+    """Run the requested stages (default: the whole pipeline) and whatever upstream they need, for one config."""
     logger = get_run_logger()
     record_flow_process(config.run.root)  # a later command can tell when this process is gone
     dirs: dict[str, str] = {}
@@ -63,8 +36,8 @@ def data_flow(config: PPDConfig, stages: list[str] | None = None) -> list[dict[s
         fresh = is_complete(p.directory)
         started = time.time()
         t0 = time.perf_counter()
-        state = STAGE_TASKS[stage].with_options(refresh_cache=not fresh)(
-            config, stage, p.fingerprint, upstream_dirs, return_state=True
+        state = task_for(stage).with_options(refresh_cache=not fresh)(
+            config, p, upstream_dirs, return_state=True
         )
         if not state.is_completed():
             # the flow ends in the stage's own failed state: its error reaches the caller once, without

@@ -1,7 +1,7 @@
 """The tiny offline reward weights: random, seeded, saved in the formats of the real checkpoints.
 
 Written by the tiny_models stage under ``<tiny_models>/rewards/`` and read by
-:func:`ppd_core.evaluate.rewards.load_reward` through the loaders real weights take::
+:func:`ppd_core.rewards.scorers.load_reward` through the loaders real weights take::
 
     rewards/pickscore/model/         HF CLIPModel (save_pretrained: config.json, model.safetensors)
     rewards/pickscore/processor/     CLIPProcessor (offline CLIP tokenizer + image processor)
@@ -27,8 +27,9 @@ from safetensors.torch import load_file
 
 from ppd_core.config import TinyModelsConfig
 from ppd_core.embed.clip import WEIGHTS_FILE, build_tiny_open_clip
-from ppd_core.evaluate.rewards import TINY_RECORD, AestheticMLP, file_sha256
 from ppd_core.manifest import staged_directory
+from ppd_core.rewards.scorers import TINY_RECORD, AestheticMLP
+from ppd_core.weights import weight_file_sha256
 
 HF_WIDTH = 32  # tiny HF CLIP: 2 layers of width 32, 2 heads, patch 8
 HF_LAYERS = 2
@@ -39,7 +40,7 @@ SEED_OFFSET = {"pickscore": 1, "clip_score": 2, "hps": 3, "aesthetic": 4}  # dis
 
 
 def _record(kind_dir: Path, model: str, processor: str | None, weights: str) -> None:
-    record = {"model": model, "processor": processor, "sha256": file_sha256(kind_dir / weights)}
+    record = {"model": model, "processor": processor, "sha256": weight_file_sha256(kind_dir / weights)}
     (kind_dir / TINY_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 

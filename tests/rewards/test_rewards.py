@@ -20,17 +20,17 @@ from ppd_core.config import EvaluateConfig, QuirkRates, RewardSpec, TinyModelsCo
 from ppd_core.data.synthetic import SyntheticWorld, synthesize
 from ppd_core.data.world_render import ATTRIBUTES, CAPTIONS, render_images
 from ppd_core.errors import PPDError, RewardError
-from ppd_core.evaluate.rewards import (
+from ppd_core.rewards.scorers import (
     BATCH_SIZE,
     TINY_DIR,
     TINY_RECORD,
     AestheticMLP,
     RewardUnavailable,
-    file_sha256,
     load_reward,
     load_rewards,
 )
-from ppd_core.evaluate.tiny_rewards import build_tiny_rewards
+from ppd_core.tiny.rewards import build_tiny_rewards
+from ppd_core.weights import weight_file_sha256
 
 TINY = TinyModelsConfig()
 NO_QUIRKS = QuirkRates(tie=0, unlabeled=0, identical=0, missing_caption=0, duplicate=0, bad_image=0)
@@ -111,7 +111,7 @@ def test_tiny_build_is_deterministic_and_records_digests(tiny, tmp_path):
         first, second = record(tiny, kind), json.loads((again / kind / TINY_RECORD).read_text())
         assert first == second
         weights = {"pickscore": "model/model.safetensors", "clip_score": "model/model.safetensors"}
-        assert first["sha256"] == file_sha256(kind_dir(tiny, kind) / weights.get(kind, first["model"]))
+        assert first["sha256"] == weight_file_sha256(kind_dir(tiny, kind) / weights.get(kind, first["model"]))
 
 
 @pytest.mark.parametrize("kind", MODEL_KINDS)

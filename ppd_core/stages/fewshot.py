@@ -1,0 +1,28 @@
+"""The `fewshot` stage: seen/unseen users, K-shot sets per user, training and evaluation pairs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ppd_core.stage import Stage, StageContext, counts_table
+
+
+def run(ctx: StageContext, out: Path) -> dict:
+    from ppd_core.data.fewshot import sample_fewshot
+
+    return sample_fewshot(ctx.cfg.fewshot, ctx.dirs["ingest"], out, ctx.dirs["relabel"])
+
+
+STAGE = Stage(
+    "fewshot",
+    "2",
+    lambda cfg: ("ingest", "relabel"),
+    lambda cfg: cfg.fewshot,
+    run,
+    summarize=counts_table(
+        ("pairs_in", "users_seen", "users_unseen", "shot_sets", "train_pairs", "eval_pairs"),
+        "ppd-fewshot-summary",
+        "Few-shot sampling",
+    ),
+    tags=("data",),
+)

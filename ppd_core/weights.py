@@ -1,0 +1,62 @@
+"""Where model weights come from and what identifies them, written once for every model family (the
+backbones, the VLM and open_clip embedders, judges and reward models).
+
+- :func:`resolve_device`: ``auto`` -> the first CUDA device when there is one, else the CPU.
+- :func:`local_snapshot`: a local model directory, or the hub cache's snapshot of a hub id; never downloads.
+- :func:`weight_file_sha256` / :func:`files_digest`: content digests of weight files, the ``weights_digest``
+  that identities (and so caches and exports) are keyed on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ppd_core.manifest import sha256_file
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"``: cuda when available, else cpu; anything else as torch reads it (``"cuda:1"``, ``"cpu"``)."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def local_snapshot(model: str | Path) -> Path | None:
+    """The directory holding a model's files: ``model`` itself when it is a directory, else the hub cache's
+    snapshot of the hub id ``model`` (its name is the revision); None when neither exists. Never downloads."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(model), local_files_only=True))
+    except Exception:  # not cached, offline, or not a hub id
+        return None
+
+
+def weight_file_sha256(path: str | Path) -> str:
+    """Content sha256 of a weight file; a hub-cache blob is already named by it (LFS files), so it is not
+    read again."""
+    real = Path(path).resolve()
+    if real.parent.name == "blobs" and _HEX64.fullmatch(real.name):
+        return real.name
+    return sha256_file(real)
+
+
+def files_digest(paths: Sequence[str | Path]) -> str:
+    """sha256 over the given weight files (sorted by name; each file's name, then its content)."""
+    h = hashlib.sha256()
+    for path in sorted(Path(p) for p in paths):
+        h.update(path.name.encode())
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
