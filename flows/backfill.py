@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.runs import record_flow_process
 from ppd_core.config import PPDConfig
 from ppd_core.data import partitions
 from ppd_core.errors import PPDError
@@ -31,6 +32,7 @@ def backfill_flow(
     """Ingest the source's days between ``start`` and ``end`` (YYYY-MM-DD, inclusive)."""
     logger = get_run_logger()
     root = config.run.root
+    record_flow_process(root)  # a later command can tell when this process is gone
     plans = partitions.plan_partitions(
         config, partitions.parse_day(start, "start"), partitions.parse_day(end, "end")
     )

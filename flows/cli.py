@@ -26,8 +26,8 @@ import typer
 from rich.table import Table
 
 from flows.generate import generate_command
-from flows.options import ConfigOpt, SetOpt, _fail, _resolve, err, out
-from ppd_core.config import PPDConfig, config_to_yaml
+from flows.options import ConfigOpt, SetOpt, _absolute_root, _fail, _resolve, err, out
+from ppd_core.config import config_to_yaml
 from ppd_core.console import quiet_handlers, quiet_libraries
 from ppd_core.errors import PPDError
 
@@ -51,7 +51,11 @@ def configure_prefect(root: Path) -> None:
     home = root / ".prefect"
     (home / "results").mkdir(parents=True, exist_ok=True)
     if not os.environ.get("PREFECT_API_URL"):
-        if url := live_api_url(root):
+        try:
+            url = live_api_url(root)
+        except PPDError as e:
+            _fail(e)
+        if url:
             os.environ["PREFECT_API_URL"] = url
         os.environ.setdefault("PREFECT_HOME", str(home))
     os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(home / "results")
@@ -178,10 +182,7 @@ def run(
     if source is not None:
         extra.append(f"ingest.source={json.dumps(source)}")
     try:
-        cfg = _resolve(config, set_, extra)
-        cfg = cfg.model_copy(
-            update={"run": cfg.run.model_copy(update={"root": str(Path(cfg.run.root).resolve())})}
-        )
+        cfg = _absolute_root(_resolve(config, set_, extra))
         from ppd_core import pipeline
 
         stage_list = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
@@ -193,6 +194,9 @@ def run(
     configure_prefect(root_path)
     start_embedded_api(root_path)
     from flows.pipeline import pipeline_flow  # imports prefect: after configure_prefect
+    from flows.runs import reap_dead_runs
+
+    reap_dead_runs(root_path)
 
     quiet_handlers()
 
@@ -213,12 +217,6 @@ RootOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
-
-
-def _absolute_root(cfg: PPDConfig) -> PPDConfig:
-    return cfg.model_copy(
-        update={"run": cfg.run.model_copy(update={"root": str(Path(cfg.run.root).resolve())})}
-    )
 
 
 def _brief(value) -> str:
@@ -272,6 +270,9 @@ def backfill(
     configure_prefect(Path(cfg.run.root))
     start_embedded_api(Path(cfg.run.root))
     from flows.backfill import run_backfill  # imports prefect: after configure_prefect
+    from flows.runs import reap_dead_runs
+
+    reap_dead_runs(cfg.run.root)
 
     try:
         report = run_backfill(cfg, start, end, force=force, lock_timeout=lock_timeout)
@@ -290,7 +291,12 @@ def backfill(
 @app.command()
 def status(root: RootOpt, as_json: JsonOpt = False) -> None:
     """Per-stage table (latest task run of each stage, from the Prefect API) and the partition table."""
-    root = root.expanduser().resolve()
+    from ppd_core.layout import check_run_root
+
+    try:
+        root = check_run_root(root)
+    except PPDError as e:
+        _fail(e)
     if not root.is_dir():
         _fail(PPDError(f"{root}: no such run root"))
     configure_prefect(root)
@@ -331,12 +337,20 @@ def ui(
 ) -> None:
     """Start a local Prefect server and dashboard (SQLite under <root>/.prefect); later CLI calls use it."""
     from flows import server
+    from ppd_core.layout import check_run_root
 
-    root = root.expanduser().resolve()
+    try:
+        root = check_run_root(root)
+    except PPDError as e:
+        _fail(e)
     if stop:
-        out.print("stopped" if server.stop_server(root) else "no server recorded for this root")
+        out.print(server.stop_server(root), markup=False, highlight=False, soft_wrap=True)
         return
-    if url := server.live_api_url(root):
+    try:
+        url = server.live_api_url(root)
+    except PPDError as e:
+        _fail(e)
+    if url:
         out.print(f"Prefect dashboard already running: {server.dashboard_url(url)}")
         return
     try:

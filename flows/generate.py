@@ -4,7 +4,9 @@
                  [--seeds N] [--scale X] [--guidance G] [--user-guidance G] [--steps N] --out DIR
 
 Nothing is trained or embedded in the run root: the run's stages must be complete for the same config
-(``ppd run`` first). Registered on the ``ppd`` app by flows/cli.py; needs no Prefect.
+(``ppd run`` first). ``--out`` must be new, empty, or an earlier output of this command (its manifest lists
+every file there), which is replaced whole; any other directory is refused and left untouched.
+Registered on the ``ppd`` app by flows/cli.py; needs no Prefect.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Annotated
 
 import typer
 
-from flows.options import ConfigOpt, SetOpt, _fail, _resolve, out
+from flows.options import ConfigOpt, SetOpt, _absolute_root, _fail, _resolve, out
 from ppd_core.errors import InputError, PPDError
 
 
@@ -24,7 +26,13 @@ def generate_command(
     root: Annotated[Path, typer.Option("--root", help="Run root of a completed `ppd run`.")],
     model: Annotated[str, typer.Option("--model", help="base, ppd, dpo, sft, ppd_true or ppd_shots.")],
     prompts: Annotated[Path, typer.Option("--prompts", help="Text file, one prompt per line.")],
-    out_dir: Annotated[Path, typer.Option("--out", help="Output directory (images + manifest.json).")],
+    out_dir: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            help="Output directory (images + manifest.json): new, empty, or an earlier output, which is replaced.",
+        ),
+    ],
     shots: Annotated[
         Path | None,
         typer.Option(
@@ -52,11 +60,12 @@ def generate_command(
     from ppd_core.evaluate import generate as gen
 
     try:
-        cfg = _resolve(config, set_, [f"run.root={root.expanduser().resolve()}"])
+        cfg = _absolute_root(_resolve(config, set_, [f"run.root={root.expanduser().resolve()}"]))
         if model not in gen.MODELS:
             raise InputError(f"--model {model!r}: choose one of {', '.join(gen.MODELS)}")
         if model != "base" and (shots is None) == (user is None):
             raise InputError("give the user as exactly one of --shots FILE or --user ID")
+        out_dir = gen.check_out_dir(out_dir)  # before any work: refuse a directory we would destroy
         if not prompts.is_file():
             raise InputError(f"--prompts {prompts}: no such file")
         prompt_list = [line.strip() for line in prompts.read_text().splitlines() if line.strip()]

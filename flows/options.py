@@ -50,3 +50,11 @@ def _fail(e: Exception, code: int = 2) -> None:
     err.print("error:", style="bold red", end=" ")
     err.print(str(e), markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def _absolute_root(cfg: PPDConfig) -> PPDConfig:
+    """The config with ``run.root`` absolute; a root that exists as a file is an InputError."""
+    from ppd_core.layout import check_run_root
+
+    root = check_run_root(cfg.run.root)
+    return cfg.model_copy(update={"run": cfg.run.model_copy(update={"root": str(root)})})

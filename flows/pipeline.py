@@ -13,6 +13,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows.runs import record_flow_process
 from ppd_core import pipeline
 from ppd_core.config import PPDConfig
 from ppd_core.manifest import is_complete, load_manifest
@@ -25,6 +26,7 @@ from tasks.stage import task_for
 def pipeline_flow(config: PPDConfig, stages: list[str] | None = None) -> list[dict[str, Any]]:
     """Run the requested stages (default: the whole pipeline) and whatever upstream they need, for one config."""
     logger = get_run_logger()
+    record_flow_process(config.run.root)  # a later command can tell when this process is gone
     dirs: dict[str, str] = {}
     report: list[dict[str, Any]] = []
     for stage in pipeline.expand(stages, config):

@@ -4,13 +4,21 @@
 so the server's SQLite database is the one the embedded runs of that root wrote
 (``<root>/.prefect/prefect.db``) and earlier runs show up in the dashboard. Its API URL is written
 to ``<root>/.prefect/api_url``; :func:`live_api_url` returns it only while the server answers its
-health check, so a stale file (a stopped or crashed server) falls back to the embedded mode.
+health check, so a stale file (a stopped or crashed server) falls back to the embedded mode. The file is
+trusted only when it names a loopback address (``ppd ui`` serves on 127.0.0.1): any other host is
+refused, so a run root copied from elsewhere cannot send its runs' configs to a remote server.
+
+The server's pid, process start time and command line go to ``<root>/.prefect/server.pid.ppd``;
+``ppd ui --stop`` signals that pid only while it is still that process (a pid reused by another
+process, or an unverifiable record, is left alone and the record removed).
 
 Imports nothing from prefect: the CLI calls it before Prefect reads its settings.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 import signal
 import socket
@@ -20,6 +28,9 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
+
+import psutil
 
 from ppd_core import locks
 from ppd_core.errors import InputError, StageError
@@ -41,12 +52,36 @@ def healthy(api_url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def live_api_url(root: str | Path) -> str | None:
-    """The API URL recorded by ``ppd ui`` for this root, if that server answers."""
+def is_loopback_url(url: str) -> bool:
+    """Whether ``url`` is http(s) on a loopback address (127.0.0.0/8, ::1 or localhost); no DNS lookup."""
     try:
-        url = (RunLayout(root).prefect_home / API_URL_FILE).read_text().strip()
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        return False
+    if parts.scheme not in ("http", "https") or not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def live_api_url(root: str | Path) -> str | None:
+    """The API URL recorded by ``ppd ui`` for this root, if that server answers. A recorded URL that is not
+    on a loopback address is an :class:`InputError` (it is never contacted)."""
+    path = RunLayout(root).prefect_home / API_URL_FILE
+    try:
+        url = path.read_text().strip()
     except OSError:
         return None
+    if url and not is_loopback_url(url):
+        raise InputError(
+            f"{path} names {url!r}, not a loopback address; `ppd ui` only records 127.0.0.1 servers. "
+            "Remove the file (or set PREFECT_API_URL to use a remote server on purpose)"
+        )
     return url if url and healthy(url) else None
 
 
@@ -109,8 +144,27 @@ def start_server(
                 raise StageError(f"the Prefect server did not start (see {home / LOG_FILE}):\n{tail}")
             time.sleep(0.5)
     atomic_write_bytes(home / API_URL_FILE, api.encode())
-    atomic_write_bytes(home / PID_FILE, str(proc.pid).encode())
+    atomic_write_bytes(home / PID_FILE, json.dumps(process_record(proc.pid)).encode())
     return proc, api
+
+
+def process_record(pid: int) -> dict:
+    """What identifies a running process beyond its pid (pids are reused): its start time and command line."""
+    p = psutil.Process(pid)
+    with p.oneshot():
+        return {"pid": pid, "create_time": p.create_time(), "cmdline": p.cmdline()}
+
+
+def same_process(record: dict) -> bool:
+    """Whether the process ``record`` (:func:`process_record`) describes is still running."""
+    try:
+        p = psutil.Process(int(record["pid"]))
+        with p.oneshot():
+            return (
+                abs(p.create_time() - float(record["create_time"])) < 0.1 and p.cmdline() == record["cmdline"]
+            )
+    except (psutil.Error, KeyError, TypeError, ValueError):
+        return False
 
 
 def stop_process(pid: int, grace: float = 15.0) -> None:
@@ -155,13 +209,24 @@ def forget(root: str | Path) -> None:
         (home / name).unlink(missing_ok=True)
 
 
-def stop_server(root: str | Path) -> bool:
-    """Stop the server ``ppd ui`` started for this root; False when none was recorded."""
+def stop_server(root: str | Path) -> str:
+    """Stop the server ``ppd ui`` started for this root, if the recorded process is still that server;
+    the record is removed either way. Returns what was done, in words."""
+    path = RunLayout(root).prefect_home / PID_FILE
     try:
-        pid = int((RunLayout(root).prefect_home / PID_FILE).read_text())
-    except (OSError, ValueError):
+        text = path.read_text()
+    except OSError:
         forget(root)
-        return False
+        return "no server recorded for this root"
+    try:
+        record = json.loads(text)
+        pid = int(record["pid"])
+    except (ValueError, TypeError, KeyError):
+        forget(root)
+        return f"{path} does not identify a process (an older or damaged record): nothing signalled, record removed"
+    if not same_process(record):
+        forget(root)
+        return f"the recorded server (pid {pid}) is no longer running: nothing signalled, record removed"
     stop_process(pid)
     forget(root)
-    return True
+    return f"stopped the Prefect server (pid {pid})"

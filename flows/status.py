@@ -1,7 +1,8 @@
 """``ppd status``: the latest task run of every stage from the Prefect API, beside the partition table.
 
 Flow runs belong to a run root through their ``config`` parameter (``config.run.root``), so one
-server shared by several roots reports each root apart. A stage's counts come from its persisted
+server shared by several roots reports each root apart. A run whose process is gone (killed, see
+:mod:`flows.runs`) is marked Crashed first, so it is not listed as Running forever. A stage's counts come from its persisted
 task result (the JSON summary the task returned), else from the manifest of its output directory.
 """
 
@@ -14,6 +15,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowFilter, FlowFilterId, FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.sorting import FlowRunSort, TaskRunSort
 
+from flows.runs import reap_dead_runs
 from ppd_core.data.partitions import partition_table
 from ppd_core.layout import RunLayout
 from ppd_core.manifest import is_complete, load_manifest
@@ -27,6 +29,7 @@ def collect_status(root: str | Path) -> dict[str, Any]:
     """``{stages, flow_runs, partitions}`` for one run root."""
     root = str(Path(root).resolve())
     with get_client(sync_client=True) as client:
+        reap_dead_runs(root, client)  # runs whose process was killed: Crashed, not Running forever
         runs = client.read_flow_runs(sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=FLOW_RUN_LIMIT)
         runs = [r for r in runs if _root_of(r.parameters) == root]
         flow_names = _flow_names(client, {r.flow_id for r in runs})

@@ -15,12 +15,13 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ppd_core.errors import ConfigError
 
@@ -31,6 +32,22 @@ ENV_PREFIX = "PPD_"
 def volatile(default: Any, description: str, **kw: Any) -> Any:
     """A field that does not change results: excluded from fingerprints."""
     return Field(default, description=description, json_schema_extra={"volatile": True}, **kw)
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def _safe_name(value: str) -> str:
+    """A user-given name that becomes a file or directory name: one plain path component."""
+    if not _SAFE_NAME.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a safe name: use 1-100 letters, digits, '.', '_' or '-', starting with a letter "
+            "or digit (it names files and directories, so no '/', '..' or spaces)"
+        )
+    return value
+
+
+SafeName = Annotated[str, AfterValidator(_safe_name)]
 
 
 class Section(BaseModel):
@@ -197,7 +214,9 @@ class FewshotConfig(Section):
 class EmbedderSpec(Section):
     """One embedder of the `embed` stage."""
 
-    name: str = Field(description="Unique label, used in tables and as the key of its embedding shards.")
+    name: SafeName = Field(
+        description="Unique label, used in tables and as the key of its embedding shards (a safe file name)."
+    )
     kind: Literal["vlm", "clip_diff", "encoder", "true_preference", "true_attribute_diff"] = Field(
         description="vlm: a transformers image-text-to-text model (the paper's); clip_diff: open_clip mean(preferred - "
         "dispreferred) image features; encoder: the few-shot preference encoder trained by the `encoder` stage "
@@ -534,7 +553,9 @@ class TrainConfig(Section):
 class RewardSpec(Section):
     """One reward model: scores (image, prompt) pairs; higher is better."""
 
-    name: str = Field(description="Unique label, used in tables and plots.")
+    name: SafeName = Field(
+        description="Unique label, used in tables, plots and file names (a safe file name)."
+    )
     kind: Literal[
         "oracle", "oracle_attribute", "pickscore", "hps", "aesthetic", "clip_score", "image_reward"
     ] = Field(
@@ -572,7 +593,7 @@ class RewardSpec(Section):
 class JudgeSpec(Section):
     """One judge: given a user's 4 shots and a pair of images, which one would this user prefer."""
 
-    name: str = Field(description="Unique label.")
+    name: SafeName = Field(description="Unique label (a safe file name).")
     kind: Literal["oracle", "reward", "vlm"] = Field(
         description="oracle: the world's user reward; reward: a reward model's score; vlm: a VLM asked the paper's question "
         "(the user's 4 shots in random order, the query pair in both orders, a win only when both answers agree)."
@@ -793,16 +814,46 @@ def env_overrides(environ: Mapping[str, str] | None = None) -> dict:
     return merged
 
 
-def _format_validation_error(err: ValidationError, origin: str) -> str:
-    lines = [f"invalid configuration ({origin}):"]
+def _set_at(data: Any, loc: Sequence[Any]) -> tuple[Any, ...] | None:
+    """The part of ``loc`` at which ``data`` sets a value (``loc`` itself, or a parent whose value, such as
+    a whole list, replaces what lower layers had below it); None when ``data`` sets nothing there."""
+    for depth, key in enumerate(loc):
+        if not isinstance(data, Mapping):
+            return tuple(loc[:depth])
+        if key not in data:
+            return None
+        data = data[key]
+    return tuple(loc)
+
+
+def _source_of(loc: Sequence[Any], layers: Sequence[tuple[str, Mapping]]) -> str:
+    """Where the value at ``loc`` came from: the highest-precedence layer that set it."""
+    for name, data in reversed(layers[1:]):
+        at = _set_at(data, loc) if loc else None
+        if not at:
+            continue
+        if name == "--set":
+            return "--set " + ".".join(str(k) for k in at)
+        if name == "env":
+            return ENV_PREFIX + "__".join(str(k) for k in at).upper()
+        return name
+    return layers[0][0]
+
+
+def _format_validation_error(err: ValidationError, layers: Sequence[tuple[str, Mapping]]) -> str:
+    """One line per problem, each naming the key and where its value came from (a --set override, a
+    PPD_* variable, the preset file or the defaults)."""
+    lines = ["invalid configuration:"]
     for item in err.errors():
-        key = ".".join(str(p) for p in item["loc"]) or "<root>"
+        loc = item["loc"]
+        key = ".".join(str(p) for p in loc) or "<root>"
+        source = _source_of(loc, layers)
         if item["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key")
+            lines.append(f"  {key}: unknown key (from {source})")
         else:
             got = item.get("input")
             shown = "" if isinstance(got, Mapping) else f" (got {got!r})"
-            lines.append(f"  {key}: {item['msg']}{shown}")
+            lines.append(f"  {key}: {item['msg']}{shown} (from {source})")
     return "\n".join(lines)
 
 
@@ -812,8 +863,7 @@ def load_config(
     environ: Mapping[str, str] | None = None,
 ) -> PPDConfig:
     """Resolve defaults < YAML preset < PPD_* environment < overrides into one validated config."""
-    data: dict = {}
-    origin = "defaults"
+    layers: list[tuple[str, Mapping]] = [("defaults", {})]
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -824,14 +874,17 @@ def load_config(
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
         if not isinstance(loaded, Mapping):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        data = _deep_merge(data, loaded)
-        origin = str(path)
-    data = _deep_merge(data, env_overrides(environ))
-    data = _deep_merge(data, overrides if isinstance(overrides, Mapping) else parse_overrides(overrides))
+        layers.append((str(path), loaded))
+    layers.append(("env", env_overrides(environ)))
+    given = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)
+    layers.append(("--set", given))
+    data: dict = {}
+    for _, layer in layers:
+        data = _deep_merge(data, layer)
     try:
         return PPDConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, origin)) from None
+        raise ConfigError(_format_validation_error(e, layers)) from None
 
 
 def config_to_yaml(cfg: BaseModel) -> str:

@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ppd_core.errors import InputError
+
 
 @dataclass(frozen=True)
 class RunLayout:
@@ -73,3 +75,16 @@ class RunLayout:
             return []
         dirs = [p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")]
         return sorted(dirs, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def check_run_root(root: str | Path) -> Path:
+    """``root`` made absolute, or an :class:`InputError` when it (or a directory it would be created in)
+    exists as something other than a directory."""
+    root = Path(root).expanduser().resolve()
+    for path in (root, *root.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "is" if path == root else f"cannot be created: {path} is"
+                raise InputError(f"run root {root} {where} a file, not a directory")
+            break
+    return root

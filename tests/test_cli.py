@@ -229,3 +229,38 @@ def test_kill_9_of_ppd_ends_training_and_the_rerun_logs_each_step_once(tmp_path)
     assert steps == list(range(1, 13))
     validated = [json.loads(x)["step"] for x in (out / "validation.jsonl").read_text().splitlines()]
     assert validated == [3, 6, 9, 12]
+
+
+def test_config_errors_name_the_source_of_the_value():
+    proc = ppd("config", "show", "--set", "world.num_users=lots", check=False)
+    assert proc.returncode == 2 and "(from --set world.num_users)" in proc.stderr
+    assert "toy.yaml" not in proc.stderr and "Traceback" not in proc.stderr
+    proc = ppd("config", "show", check=False, env={"PPD_WORLD__NUM_USERS": "lots"})
+    assert proc.returncode == 2 and "(from PPD_WORLD__NUM_USERS)" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ('embed.embedders=[{name: "../../../x", kind: clip_diff}]', "embed.embedders.0.name"),
+        ('evaluate.rewards=[{name: "a/b", kind: oracle}]', "evaluate.rewards.0.name"),
+        ('evaluate.judges=[{name: "..", kind: oracle}]', "evaluate.judges.0.name"),
+    ],
+)
+def test_names_that_would_escape_the_run_root_are_refused(override, key):
+    proc = ppd("config", "show", "--set", override, check=False)
+    assert proc.returncode == 2 and f"{key}: Value error" in proc.stderr and "not a safe name" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "command", [["run", "--stages", "synthesize"], ["status"], ["ui", "--stop"], ["generate"]]
+)
+def test_root_that_is_a_file_is_a_one_line_error(command, tmp_path):
+    afile = tmp_path / "notes.txt"
+    afile.write_text("mine\n")
+    extra = ["--model", "base", "--prompts", str(afile), "--out", str(tmp_path / "o")]
+    proc = ppd(*command, "--root", str(afile), *(extra if command == ["generate"] else []), check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert f"run root {afile} is a file, not a directory" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and afile.read_text() == "mine\n"

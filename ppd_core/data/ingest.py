@@ -4,14 +4,20 @@ Every input row ends in exactly one place: ``pairs/`` (kept, winner/loser orient
 ``quarantine/`` with the first reason that applies, checked in this order:
 
     unlabeled, tie, invalid_label, identical_images, missing_caption, missing_user,
-    missing_created_at, duplicate_row, <image reasons for jpg_0 then jpg_1>, duplicate_pair
+    missing_created_at, duplicate_row, conflicting_duplicate, <image reasons for jpg_0 then jpg_1>,
+    duplicate_pair
 
 The cheap checks are vectorised over each Arrow batch; only rows that pass them reach the
 per-row work (row digest, image header checks, pair id). ``duplicate_row`` means an exact repeat
 of an earlier row in every Pick-a-Pic column, image bytes included (``__index_level_0__`` is a
 row number, not data, and is left out). ``duplicate_pair`` (a second row with the same pair id,
 i.e. the same user, caption, time, image pair and ranking, but differing elsewhere, for instance
-in its labels) keeps ``pair_id`` unique in ``pairs/``.
+in its model names) keeps ``pair_id`` unique in ``pairs/``. ``conflicting_duplicate``: rows of one
+``ranking_id`` that contradict each other (a different preferred or dispreferred image, e.g. a flipped
+label, whatever their captions) cannot all be true and none is trusted: every row of that ranking that
+passes the cheap checks and is not an exact repeat goes to quarantine, the first one included. A pre-pass
+over the metadata columns (no image bytes) finds those rankings before anything is written; rows that
+fail a cheap check (ties, unlabelled, ...) state no preference and contradict nothing.
 
 Memory is bounded by one Arrow batch (one Parquet row group read), the pair rows buffered for
 row groups (``_BUFFER_BYTES`` per table), at most ``_MAX_OPEN_WRITERS`` open partition files, and
@@ -30,6 +36,8 @@ timestamps), the body of one backfill partition (:mod:`ppd_core.data.partitions`
 whose ``created_at`` statistics exclude the day are not read, the other rows are skipped before
 any check. Rows without ``created_at`` belong to no day and are left to a full ingest. Duplicate
 rows and pair ids carry their creation time, so per-day deduplication matches the full ingest's.
+Contradicting rows are looked for within the rows read, so rows of one ranking created on different
+days are seen as contradicting by a full ingest only.
 """
 
 from __future__ import annotations
@@ -78,10 +86,10 @@ ROW_REASONS = (
     "missing_user",
     "missing_created_at",
 )
-REASONS = (*ROW_REASONS, "duplicate_row", *IMAGE_REASONS, "duplicate_pair")
+REASONS = (*ROW_REASONS, "duplicate_row", "conflicting_duplicate", *IMAGE_REASONS, "duplicate_pair")
 # Columns read and hashed for duplicate_row (all data columns; the pandas index is a row number).
 META_COLUMNS = tuple(n for n in PICKAPIC_V2_METADATA.names if n != "__index_level_0__")
-VERSION = "1"  # the ingest stage's code version: bump it when the same input gives other output
+VERSION = "2"  # the ingest stage's code version: bump it when the same input gives other output
 PAIR_ID_HEX = 20  # 80-bit content id
 _ROW_GROUP_ROWS = 65_536  # most rows per Parquet row group in pairs/ and quarantine/
 _BUFFER_BYTES = 4 << 20  # most Arrow bytes buffered across partitions before the largest is flushed
@@ -425,11 +433,60 @@ def _normalise(batch: pa.RecordBatch, url: str) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(arrays, names=batch.schema.names)
 
 
+def _verdict_digests(batch: pa.RecordBatch) -> np.ndarray:
+    """uint64 per row: a digest of (preferred uid, dispreferred uid), what the row says about its ranking."""
+    col = batch.column
+    side0 = pc.equal(col("best_image_uid"), col("image_0_uid"))
+    winner = pc.if_else(side0, col("image_0_uid"), col("image_1_uid"))
+    loser = pc.if_else(side0, col("image_1_uid"), col("image_0_uid"))
+    joined = pc.binary_join_element_wise(winner, loser, "|")
+    return np.fromiter((digest64(v.encode()) for v in joined.to_pylist()), np.uint64, batch.num_rows)
+
+
+def conflicting_rankings(cfg: IngestConfig, files: list[SourceFile], day: dt.date | None = None) -> set[int]:
+    """``ranking_id``s whose rows disagree on the preferred/dispreferred image (e.g. a flipped label).
+
+    Reads only the metadata columns (no image bytes); rows failing a cheap check state no preference
+    and are left out. Memory: 16 bytes per row read."""
+    rids: list[np.ndarray] = []
+    verdicts: list[np.ndarray] = []
+    for file in files:
+        pf = open_parquet(file)
+        try:
+            groups = _row_groups(pf, day)
+            if groups == []:
+                continue
+            try:
+                for batch in pf.iter_batches(
+                    batch_size=cfg.batch_rows,
+                    row_groups=None if groups is None else [g for g, _ in groups],
+                    columns=list(META_COLUMNS),
+                ):
+                    batch = _normalise(batch, file.url)
+                    keep = _row_reason_codes(batch, images=False) == 0
+                    keep &= _validity(batch.column("ranking_id"))
+                    if day is not None:
+                        keep &= _np(pc.equal(pc.cast(batch.column("created_at"), pa.date32()), day))
+                    if keep.any():
+                        sub = batch.filter(pa.array(keep))
+                        rids.append(sub.column("ranking_id").to_numpy(zero_copy_only=False).astype(np.int64))
+                        verdicts.append(_verdict_digests(sub))
+            except (pa.ArrowException, OSError) as e:
+                raise InputError(f"{file.url}: not a readable Parquet file ({e})") from e
+        finally:
+            pf.close()
+    if not rids:
+        return set()
+    pairs = np.unique(np.stack([np.concatenate(rids).view(np.uint64), np.concatenate(verdicts)], 1), axis=0)
+    ranking, count = np.unique(pairs[:, 0], return_counts=True)
+    return {int(r) for r in ranking[count > 1].view(np.int64)}
+
+
 class _Ingestor:
     """State carried across batches and files: writers, dedupe sets, counts."""
 
-    def __init__(self, cfg: IngestConfig, out_dir: Path, images: bool):
-        self.cfg, self.images = cfg, images
+    def __init__(self, cfg: IngestConfig, out_dir: Path, images: bool, conflicts: set[int] = frozenset()):
+        self.cfg, self.images, self.conflicts = cfg, images, conflicts
         self.columns = META_COLUMNS + (IMAGE_COLUMNS if images else ())
         self.formats = accepted_formats(cfg)
         self.pairs = _PartitionedWriter(
@@ -512,6 +569,8 @@ class _Ingestor:
             for j in np.flatnonzero(~fresh).tolist():
                 reasons[int(cand[j])] = ("duplicate_row", "exact repeat of an earlier row")
             alive = np.flatnonzero(fresh)
+            if self.conflicts and len(alive):
+                alive = self._drop_conflicting(sub, alive, cand, reasons)
             if self.images and len(alive):
                 alive, checks = self._check_images(sub, alive, cand, reasons)
             # duplicate_pair: only kept rows register their pair id
@@ -530,6 +589,19 @@ class _Ingestor:
                 self._write_pairs(sub.take(pa.array(kept)), kept_ids, url, source_rows[cand[kept]])
         self._write_quarantine(batch, reasons, url, source_rows)
         return len(kept)
+
+    def _drop_conflicting(
+        self, sub: pa.RecordBatch, alive: np.ndarray, cand: np.ndarray, reasons: dict
+    ) -> np.ndarray:
+        """Quarantine the ``alive`` rows of a ranking whose rows contradict each other; the rest stay alive."""
+        rids = sub.column("ranking_id").take(pa.array(alive)).to_pylist()
+        bad = np.array([r is not None and r in self.conflicts for r in rids], bool)
+        for j, rid in zip(alive[bad].tolist(), np.asarray(rids, object)[bad].tolist(), strict=True):
+            reasons[int(cand[j])] = (
+                "conflicting_duplicate",
+                f"ranking_id {rid} has rows that disagree on the preferred image; none is kept",
+            )
+        return alive[~bad]
 
     def _check_images(
         self, sub: pa.RecordBatch, alive: np.ndarray, cand: np.ndarray, reasons: dict
@@ -627,7 +699,7 @@ def ingest(
     out_dir = Path(out_dir)
     day = None if created_date is None else dt.date.fromisoformat(created_date)
     images, total = _plan(cfg, files, day)
-    state = _Ingestor(cfg, out_dir, images)
+    state = _Ingestor(cfg, out_dir, images, conflicting_rankings(cfg, files, day))
     done = 0
     try:
         for file in files:

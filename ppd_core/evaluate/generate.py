@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import tempfile
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -305,33 +306,68 @@ def request_grid(
     return idx, [prompts[i] for i in idx], seeds
 
 
+def check_out_dir(out_dir: Path) -> Path:
+    """``out_dir`` made absolute, if writing there destroys nothing the project did not write: it is absent, an
+    empty directory, or an earlier output of :func:`write_images` (a ``generate`` manifest listing every file
+    it holds), which is replaced whole. Anything else is an :class:`InputError` and is left untouched."""
+    from ppd_core.manifest import MANIFEST_NAME, load_manifest
+
+    out_dir = Path(out_dir).expanduser().resolve()
+    if not out_dir.exists():
+        return out_dir
+    if not out_dir.is_dir():
+        raise InputError(f"--out {out_dir} is a file; give a new or empty directory")
+    held = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*"))
+    if not held:
+        return out_dir
+    manifest = load_manifest(out_dir)
+    if manifest is None or manifest.stage != "generate":
+        raise InputError(
+            f"--out {out_dir} is not empty and is not an earlier `ppd generate` output (no generate "
+            f"{MANIFEST_NAME}); it would be replaced, so give a new or empty directory"
+        )
+    foreign = [f for f in held if f != MANIFEST_NAME and f not in manifest.files]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise InputError(
+            f"--out {out_dir} is an earlier `ppd generate` output but also holds files it did not write "
+            f"({shown}); move them away or give another directory"
+        )
+    return out_dir
+
+
 def write_images(
     out_dir: Path, images: np.ndarray, prompt_index: Sequence[int], seeds: Sequence[int], request: dict
 ) -> dict:
-    """Write ``p<i>-s<seed>.png`` files and a manifest atomically to ``out_dir`` (a complete earlier output
-    of the same request is replaced as a whole)."""
-    from ppd_core.manifest import commit, prepare_partial
+    """Write ``p<i>-s<seed>.png`` files and a manifest atomically to ``out_dir``. An earlier output of this
+    function there is replaced as a whole; any other non-empty directory is refused (:func:`check_out_dir`)."""
+    from ppd_core.manifest import commit
 
-    out_dir = Path(out_dir).resolve()
+    out_dir = check_out_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial = prepare_partial(out_dir.with_name(f".{out_dir.name}.partial"))
-    rows = []
-    for img, i, seed in zip(images, prompt_index, seeds, strict=True):
-        name = image_name(i, seed)
-        Image.fromarray(img).save(partial / name)
-        rows.append(
-            {"file": name, "prompt_index": int(i), "prompt": request["prompts"][i], "seed": int(seed)}
+    partial = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        rows = []
+        for img, i, seed in zip(images, prompt_index, seeds, strict=True):
+            name = image_name(i, seed)
+            Image.fromarray(img).save(partial / name)
+            rows.append(
+                {"file": name, "prompt_index": int(i), "prompt": request["prompts"][i], "seed": int(seed)}
+            )
+        (partial / "images.json").write_text(json.dumps(rows, indent=1) + "\n")
+        digest = hashlib.sha256(json.dumps(request, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        check_out_dir(out_dir)  # again just before the swap: nothing foreign arrived while sampling
+        manifest = commit(
+            partial,
+            out_dir,
+            stage="generate",
+            fingerprint=digest,
+            code_version="1",
+            config=request,
+            upstream={},
+            counts={"images": len(rows), "prompts": len(request["prompts"])},
         )
-    (partial / "images.json").write_text(json.dumps(rows, indent=1) + "\n")
-    digest = hashlib.sha256(json.dumps(request, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    manifest = commit(
-        partial,
-        out_dir,
-        stage="generate",
-        fingerprint=digest,
-        code_version="1",
-        config=request,
-        upstream={},
-        counts={"images": len(rows), "prompts": len(request["prompts"])},
-    )
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     return {"directory": str(out_dir), "images": len(rows), "digest": manifest.digest}

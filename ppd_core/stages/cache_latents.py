@@ -14,7 +14,9 @@ def run(ctx: StageContext, out: Path) -> dict:
     from ppd_core.train.cache import cache_latents
 
     backbone = load_backbone(ctx.cfg.backbone, ctx.dirs.get("pretrain"))
-    return cache_latents(backbone, ctx.dirs["ingest"], ctx.dirs["fewshot"], out, seed=ctx.cfg.run.seed)
+    return cache_latents(
+        backbone, ctx.dirs["ingest"], ctx.dirs["fewshot"], out, seed=ctx.cfg.run.seed, progress=ctx.progress
+    )
 
 
 STAGE = Stage(
@@ -23,6 +25,7 @@ STAGE = Stage(
     lambda cfg: ("ingest", "fewshot", *backbone_stages(cfg)),
     lambda cfg: {"backbone": backbone_fields(cfg)},
     run,
+    progress="cached images and captions",
     tags=("train", "gpu"),
     brief=lambda c: f"{c['images']:,} image latents, {c['captions']:,} captions",
 )

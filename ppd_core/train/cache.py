@@ -55,7 +55,7 @@ def _write_shards(
     encode: Callable[[Sequence[str]], torch.Tensor],
     batch: int,
     kind: str,
-    bar: tqdm,
+    advance: Callable[[int], None],
 ) -> list[dict]:
     index = []
     for shard_no, start in enumerate(range(0, len(keys), ROWS_PER_SHARD)):
@@ -63,7 +63,7 @@ def _write_shards(
         parts = []
         for b in range(0, len(chunk), batch):
             parts.append(encode(chunk[b : b + batch]).detach().cpu().contiguous())
-            bar.update(len(chunk[b : b + batch]))
+            advance(len(chunk[b : b + batch]))
         name = f"{prefix}-{shard_no:05d}.safetensors"
         save_file({tensor_name: torch.cat(parts)}, str(out_dir / name))
         index += [{"kind": kind, "key": k, "shard": name, "row": i} for i, k in enumerate(chunk)]
@@ -72,9 +72,16 @@ def _write_shards(
 
 @torch.inference_mode()
 def cache_latents(
-    backbone: Backbone, ingest_dir: Path, fewshot_dir: Path, out_dir: Path, batch: int = 64, seed: int = 0
+    backbone: Backbone,
+    ingest_dir: Path,
+    fewshot_dir: Path,
+    out_dir: Path,
+    batch: int = 64,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Stage body: encode every needed image and caption; returns counts."""
+    """Stage body: encode every needed image and caption; returns counts. ``progress(done, total)`` is
+    called after every encoded batch (images, then captions), beside the tqdm bar."""
     uids, captions = needed_keys(fewshot_dir)
     store = ingest_images(ingest_dir)
     missing = [u for u in uids if u not in store]
@@ -93,8 +100,17 @@ def cache_latents(
     bar = tqdm(
         total=len(uids) + len(captions), desc="cache_latents", unit="item", disable=None, mininterval=1.0
     )
-    index = _write_shards(out_dir, "latents", "x0", uids, encode_images, batch, "image", bar)
-    index += _write_shards(out_dir, "text", "text", captions, backbone.encode_prompt, batch, "text", bar)
+    total, done = len(uids) + len(captions), 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        bar.update(n)
+        if progress is not None:
+            progress(done, total)
+
+    index = _write_shards(out_dir, "latents", "x0", uids, encode_images, batch, "image", advance)
+    index += _write_shards(out_dir, "text", "text", captions, backbone.encode_prompt, batch, "text", advance)
     bar.close()
     pq.write_table(pa.Table.from_pylist(index, schema=INDEX_SCHEMA), out_dir / "index.parquet")
     return {

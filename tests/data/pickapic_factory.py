@@ -181,20 +181,31 @@ def quirk_file_rows(n_good: int = 12) -> QuirkRows:
     q.add(dict(good[3]), "duplicate_row")
     q.add(dict(good[3]), "duplicate_row")
     q.add(dict(q.rows[n_good + 2]), "tie")  # a repeated tie is still a tie: earlier reasons come first
-    # same comparison as good row 4 with the labels flipped: not a duplicate row, but the same pair id
-    flipped = dict(good[4])
-    flipped["label_0"], flipped["label_1"] = flipped["label_1"], flipped["label_0"]
-    flipped["best_image_uid"] = (
-        flipped["image_1_uid"]
-        if flipped["best_image_uid"] == flipped["image_0_uid"]
-        else flipped["image_0_uid"]
-    )
-    q.add(flipped, "duplicate_pair")
+    # same comparison as good row 5 differing only in a model name: not a duplicate row, but the same pair id
+    renamed = dict(good[5])
+    renamed["model_1"] = "sd-b-renamed"
+    q.add(renamed, "duplicate_pair")
+    # same comparison as good row 4 with the labels flipped: the two rows contradict each other, so neither
+    # is kept (the earlier, otherwise good row included); likewise good row 6 and a flipped row of its
+    # ranking with another caption
+    q.reasons[4] = q.reasons[6] = "conflicting_duplicate"
+    q.add(flipped_label(good[4]), "conflicting_duplicate")
+    q.add({**flipped_label(good[6]), "caption": "a watercolour of object 6"}, "conflicting_duplicate")
     for n, r in enumerate(
         q.rows
     ):  # a unique pandas index, as real files have (not part of duplicate detection)
         r["__index_level_0__"] = n
     return q
+
+
+def flipped_label(row: dict) -> dict:
+    """``row`` with its labels swapped: the other image preferred."""
+    flipped = dict(row)
+    flipped["label_0"], flipped["label_1"] = row["label_1"], row["label_0"]
+    flipped["best_image_uid"] = (
+        row["image_1_uid"] if row["best_image_uid"] == row["image_0_uid"] else row["image_0_uid"]
+    )
+    return flipped
 
 
 def metadata_only(rows: list[dict]) -> list[dict]:

@@ -22,6 +22,7 @@ from ppd_core.schemas import PAIRS, PICKAPIC_V2, PICKAPIC_V2_METADATA, QUARANTIN
 from tests.data.pickapic_factory import (
     QUIRK_MAX_IMAGE_BYTES,
     QUIRK_MAX_IMAGE_PIXELS,
+    flipped_label,
     good_row,
     metadata_only,
     quirk_file_rows,
@@ -195,6 +196,41 @@ def test_null_and_empty_values_are_not_the_same_row(tmp_path):
     _write(tmp_path / "src" / "a.parquet", [first, second])
     counts, _ = _run(tmp_path, tmp_path / "src")
     assert counts["quarantine_by_reason"] == {"duplicate_pair": 1}
+
+
+@pytest.mark.parametrize("other_caption", [False, True])
+def test_contradicting_rows_of_one_ranking_are_both_quarantined(tmp_path, other_caption):
+    """One ranking_id, the other image preferred (same pair, or another caption): neither row is kept,
+    even when they sit in different files; an exact repeat of one of them stays a duplicate_row."""
+    rows = [good_row(i) for i in range(4)]
+    flipped = flipped_label(rows[1])
+    if other_caption:
+        flipped["caption"] = "another caption"
+    _write(tmp_path / "src" / "a.parquet", [*rows, dict(rows[1])])
+    _write(tmp_path / "src" / "b.parquet", [flipped, good_row(7)])
+    counts, out = _run(tmp_path, tmp_path / "src")
+    assert counts["quarantine_by_reason"] == {"conflicting_duplicate": 2, "duplicate_row": 1}
+    assert counts["kept_rows"] == 4  # rows 0, 2, 3 and 7
+    quarantine = {
+        (r["source_file"].rsplit("/", 1)[1], r["source_row"]): r for r in _quarantine(out).to_pylist()
+    }
+    assert {k: r["reason"] for k, r in quarantine.items()} == {
+        ("a.parquet", 1): "conflicting_duplicate",
+        ("a.parquet", 4): "duplicate_row",
+        ("b.parquet", 0): "conflicting_duplicate",
+    }
+    assert "ranking_id 10001" in quarantine[("b.parquet", 0)]["detail"]
+    assert 10_001 not in _pairs(out).column("ranking_id").to_pylist()
+
+
+def test_agreeing_rows_of_one_ranking_are_not_conflicts(tmp_path):
+    """Same ranking, same preferred image, another caption: both kept, as before; a tie contradicts nothing."""
+    first = good_row(0)
+    recaptioned = {**good_row(0), "caption": "another caption"}
+    tie = {**good_row(0), "label_0": 0.5, "label_1": 0.5, "caption": "a third caption"}
+    _write(tmp_path / "src" / "a.parquet", [first, recaptioned, tie])
+    counts, _ = _run(tmp_path, tmp_path / "src")
+    assert counts["kept_rows"] == 2 and counts["quarantine_by_reason"] == {"tie": 1}
 
 
 # ---------------------------------------------------------------------------------------- pairs

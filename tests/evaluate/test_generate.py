@@ -166,3 +166,49 @@ def test_cli_generate_writes_images_and_rejects_mistakes(small_run, tmp_path):
         cwd=REPO,
     )
     assert bad.returncode == 2 and "choose one of" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _write(out, n):
+    images = np.zeros((n, 8, 8, 3), dtype=np.uint8)
+    prompts = [f"prompt {i}" for i in range(n)]
+    idx, _, seeds = gen.request_grid(prompts, 1)
+    return gen.write_images(out, images, idx, seeds, {"model": "base", "prompts": prompts})
+
+
+def test_out_dir_replaces_only_an_earlier_output(tmp_path):
+    out = tmp_path / "o"
+    _write(out, 3)
+    assert sorted(p.name for p in out.glob("*.png")) == ["p000-s0.png", "p001-s0.png", "p002-s0.png"]
+    _write(out, 1)  # an earlier output of the same command is replaced whole
+    assert sorted(p.name for p in out.glob("*.png")) == ["p000-s0.png"]
+
+    precious = tmp_path / "mine"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("precious\n")
+    with pytest.raises(InputError, match="not an earlier `ppd generate` output"):
+        _write(precious, 1)
+    assert [p.name for p in precious.iterdir()] == ["thesis.tex"]
+
+    (out / "notes.txt").write_text("mine\n")  # a file put into an earlier output is not ours to delete
+    with pytest.raises(InputError, match="notes.txt"):
+        _write(out, 2)
+    assert (out / "notes.txt").read_text() == "mine\n" and (out / "p000-s0.png").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "o"]  # no partial or stale leftovers
+
+
+def test_cli_generate_refuses_out_dot_holding_its_inputs(tmp_path):
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    (tmp_path / "shots.parquet").write_bytes(b"PAR1 not really")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    args = ["--root", str(tmp_path / "run"), "--model", "ppd", "--shots", "shots.parquet"]
+    proc = subprocess.run(
+        [PPD, "generate", *args, "--prompts", "prompts.txt", "--out", "."],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
+    )
+    assert proc.returncode == 2 and "not an earlier `ppd generate` output" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert not any(p.name.startswith(".") for p in tmp_path.parent.iterdir() if tmp_path.name in p.name)

@@ -291,3 +291,35 @@ def test_sampling_with_user_tokens_needs_and_uses_the_adapter():
     more = sample(bb, CAPTIONS[:2], [0, 1], steps=3, user_tokens=tokens, user_guidance=2.0)
     assert (user - base).abs().max() > 1e-3 and (more - user).abs().max() > 1e-3
     assert torch.equal(sample(bb, CAPTIONS[:2], [0, 1], steps=3, user_tokens=tokens, user_scale=0.0), base)
+
+
+def test_cache_latents_reports_progress_after_every_batch(backbone, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ppd_core.config import IngestConfig
+    from ppd_core.data.images import ImageShardWriter, check_image
+    from ppd_core.train.cache import cache_latents
+    from tests.data.pickapic_factory import image_bytes
+
+    uids = [f"img-{i}" for i in range(5)]
+    with ImageShardWriter(tmp_path / "ingest" / "images", 100) as writer:
+        for i, uid in enumerate(uids):
+            data = image_bytes(i, size=16)
+            writer.add(uid, data, check_image(data, IngestConfig()))
+    fewshot = tmp_path / "fewshot"
+    fewshot.mkdir()
+    pairs = {"caption": ["a red circle", "a blue square"], "winner_uid": uids[:2], "loser_uid": uids[2:4]}
+    pq.write_table(pa.table(pairs), fewshot / "train_pairs.parquet")
+    pq.write_table(
+        pa.table({"caption": ["a"], "winner_uid": uids[4:], "loser_uid": uids[:1]}),
+        fewshot / "eval_pairs.parquet",
+    )
+    calls = []
+    out = tmp_path / "cache"
+    out.mkdir()
+    counts = cache_latents(
+        backbone, tmp_path / "ingest", fewshot, out, batch=2, progress=lambda *a: calls.append(a)
+    )
+    total = counts["images"] + counts["captions"]  # 5 images, 4 captions ("" included)
+    assert calls == [(2, total), (4, total), (5, total), (7, total), (9, total)]

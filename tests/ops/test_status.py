@@ -100,3 +100,47 @@ def test_retried_flow_run_recomputes_only_the_failed_stage(ppd, api, prefect_ser
     assert list(stages) == [*upstream, "embed"] and stages["embed"]["state"] == "Completed"
     assert stages["embed"]["counts"]["shot_sets"] > 0 and is_complete(stages["embed"]["output_dir"])
     assert _manifest_times(root, upstream) == written  # upstream outputs untouched
+
+
+def test_a_killed_run_is_shown_crashed_not_running(tmp_path):
+    """`ppd run` killed with SIGKILL (its whole process group, the embedded API included) mid-flow: the next
+    `ppd status` marks the flow run and its unfinished stage Crashed in Prefect and shows them so."""
+    import json
+    import os
+    import signal
+    import time
+
+    from tests.ops.conftest import PPD
+
+    root = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    slow = [*TINY_WORLD, "--set", "encoder.steps=100000"]  # the encoder stage runs until killed
+    run = subprocess.Popen(
+        [PPD, "run", "--root", str(root), "--stages", "encoder", *slow],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not list(root.glob("encoder/.*.partial")):  # the encoder stage is running
+            assert run.poll() is None and time.monotonic() < deadline, "the run ended before it was killed"
+            time.sleep(0.2)
+        assert list((root / ".prefect" / "flow_runs").glob("*.json"))  # the process recorded itself
+        time.sleep(2)  # task run states reach the API as events, a moment after the task starts
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+
+    proc = subprocess.run(
+        [PPD, "status", "--root", str(root), "--json"], capture_output=True, text=True, cwd=REPO, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shown = json.loads(proc.stdout)  # read back from Prefect after the dead run was marked there
+    assert shown["flow_runs"][0]["state"] == "Crashed"
+    stages = {s["name"]: s["state"] for s in shown["stages"]}
+    assert stages["encoder"] == "Crashed" and stages["ingest"] == "Completed"
+    assert not list((root / ".prefect" / "flow_runs").glob("*.json"))  # the record is done with

@@ -69,3 +69,45 @@ def test_flow_run_page_shows_its_artifacts_in_chromium(ui_root):
         [*headless, f"--screenshot={SCREENSHOT}", url], capture_output=True, timeout=120, check=True
     )
     assert SCREENSHOT.stat().st_size > 10_000 and Path(SCREENSHOT).read_bytes()[:4] == b"\x89PNG"
+
+
+def _ppd(*args, cwd=REPO):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    return subprocess.run(
+        [PPD, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=120
+    )
+
+
+@pytest.mark.parametrize("url", ["http://203.0.113.7:4200/api", "http://evil.example:4200/api", "file:///x"])
+def test_recorded_api_url_must_be_loopback(tmp_path, url):
+    home = tmp_path / ".prefect"
+    home.mkdir()
+    (home / API_URL_FILE).write_text(url)
+    for command in (["status"], ["ui"]):
+        proc = _ppd(*command, "--root", tmp_path)
+        assert proc.returncode == 2 and "not a loopback address" in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_ui_stop_signals_only_the_server_it_started(tmp_path):
+    from flows.server import PID_FILE, is_loopback_url, process_record
+
+    assert is_loopback_url("http://127.0.0.1:4200/api") and is_loopback_url("http://[::1]:9/api")
+    home = tmp_path / ".prefect"
+    home.mkdir()
+    bystander = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        # a pid of another process: a bare pid (older record), then a record whose start time differs
+        for record in (str(bystander.pid), json.dumps({**process_record(bystander.pid), "create_time": 1.0})):
+            (home / PID_FILE).write_text(record)
+            proc = _ppd("ui", "--stop", "--root", tmp_path)
+            assert proc.returncode == 0 and "nothing signalled" in proc.stdout, proc.stdout
+            assert bystander.poll() is None and not (home / PID_FILE).exists()
+        # the process the record describes is stopped
+        (home / PID_FILE).write_text(json.dumps(process_record(bystander.pid)))
+        proc = _ppd("ui", "--stop", "--root", tmp_path)
+        assert f"stopped the Prefect server (pid {bystander.pid})" in proc.stdout
+        assert bystander.wait(timeout=20) is not None
+    finally:
+        bystander.kill()
+        bystander.wait()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -253,3 +254,24 @@ def test_resume_forgets_what_was_logged_past_the_checkpoint(tmp_path):
     assert (tmp_path / "tensorboard" / "events.out.tfevents.1").exists()
     assert forget_after(tmp_path, 0) == {}
     assert metrics.read_text() == "" and not (tmp_path / "tensorboard").exists()
+
+
+def test_rng_file_loads_with_weights_only_and_restores_exactly(tmp_path):
+    random.random(), np.random.randn(), torch.randn(1)  # an advanced state, gaussian cache included
+    state = {"global": checkpoint.capture_rng()}
+    path = tmp_path / "step-00000001" / "rng-rank0.pt"
+    path.parent.mkdir()
+    path.write_bytes(checkpoint._to_bytes(checkpoint.encode_rng(state)))
+    torch.load(path, weights_only=True)  # no pickled object needed
+    first = (random.random(), np.random.randn(3), torch.rand(3))
+    checkpoint.restore_rng(checkpoint.read_rng(path)["global"])
+    again = (random.random(), np.random.randn(3), torch.rand(3))
+    assert first[0] == again[0] and np.array_equal(first[1], again[1]) and torch.equal(first[2], again[2])
+
+
+def test_old_pickled_rng_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "step-00000001" / "rng-rank0.pt"
+    path.parent.mkdir()
+    torch.save({"global": checkpoint.capture_rng()}, path)  # the earlier format: numpy arrays pickled
+    with pytest.raises(StageError, match="older format that cannot be loaded safely"):
+        checkpoint.read_rng(path)
