@@ -60,7 +60,11 @@ def generate_command(
     from ppd_core.evaluate import generate as gen
 
     try:
-        cfg = _absolute_root(_resolve(config, set_, [f"run.root={root.expanduser().resolve()}"]))
+        cfg = _absolute_root(
+            _resolve(
+                config, set_, [f"run.root={root.expanduser().resolve()}"], root=root.expanduser().resolve()
+            )
+        )
         if model not in gen.MODELS:
             raise InputError(f"--model {model!r}: choose one of {', '.join(gen.MODELS)}")
         if model != "base" and (shots is None) == (user is None):
