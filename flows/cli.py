@@ -26,7 +26,7 @@ import typer
 from rich.table import Table
 
 from flows.generate import generate_command
-from flows.options import ConfigOpt, SetOpt, _absolute_root, _fail, _resolve, err, out
+from flows.options import ConfigOpt, SetOpt, _absolute_root, _fail, _resolve, err, out, record_run_config
 from ppd_core.config import config_to_yaml
 from ppd_core.console import quiet_handlers, quiet_libraries
 from ppd_core.errors import PPDError
@@ -188,6 +188,7 @@ def run(
         stage_list = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
         pipeline.expand(stage_list, cfg)  # validate names before starting Prefect
         pipeline.preflight(cfg)
+        record_run_config(cfg)  # later commands on this root (generate, backfill, serve) start from it
     except PPDError as e:
         _fail(e)
     root_path = Path(cfg.run.root)
@@ -259,7 +260,7 @@ def backfill(
 
     extra = [f"run.root={root.expanduser().resolve()}", f"ingest.source={json.dumps(source)}"]
     try:
-        cfg = _absolute_root(_resolve(config, set_, extra))
+        cfg = _absolute_root(_resolve(config, set_, extra, root=root.expanduser().resolve()))
         if parse_day(start, "--start") > parse_day(end, "--end"):
             raise PPDError(f"--start {start} is after --end {end}")
         from ppd_core import pipeline
@@ -381,7 +382,9 @@ def serve(
 
     extra = [f"run.root={root.expanduser().resolve()}"] if root is not None else []
     try:
-        cfg = _absolute_root(_resolve(config, set_, extra))
+        cfg = _absolute_root(
+            _resolve(config, set_, extra, root=root.expanduser().resolve() if root else None)
+        )
     except PPDError as e:
         _fail(e)
     root_path = Path(cfg.run.root)

@@ -3,9 +3,8 @@
     ppd generate --root DIR --model {ppd,dpo,sft,base,ppd_true,ppd_shots} (--shots FILE | --user ID) --prompts FILE
                  [--seeds N] [--scale X] [--guidance G] [--user-guidance G] [--steps N] --out DIR
 
-Nothing is trained or embedded in the run root: the run's stages must be complete for the same config
-(``ppd run`` first). ``--out`` must be new, empty, or an earlier output of this command (its manifest lists
-every file there), which is replaced whole; any other directory is refused and left untouched.
+The library logic is :mod:`ppd_core.personalize`; this module parses options and prints the result.
+``--out`` must be new, empty, or an earlier output of this command (its manifest lists every file there), which is replaced whole; any other directory is refused and left untouched.
 Registered on the ``ppd`` app by flows/cli.py; needs no Prefect.
 """
 
@@ -19,7 +18,7 @@ from typing import Annotated
 import typer
 
 from flows.options import ConfigOpt, SetOpt, _absolute_root, _fail, _resolve, out
-from ppd_core.errors import InputError, PPDError
+from ppd_core.errors import PPDError
 
 
 def generate_command(
@@ -54,54 +53,21 @@ def generate_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
 ) -> None:
     """Generate images for one user with a trained model; same prompt and seed give the same file name."""
-    from dataclasses import replace
-
-    from ppd_core import pipeline
-    from ppd_core.evaluate import generate as gen
+    from ppd_core.personalize import generate_for_user, read_prompts
 
     try:
-        cfg = _absolute_root(_resolve(config, set_, [f"run.root={root.expanduser().resolve()}"]))
-        if model not in gen.MODELS:
-            raise InputError(f"--model {model!r}: choose one of {', '.join(gen.MODELS)}")
-        if model != "base" and (shots is None) == (user is None):
-            raise InputError("give the user as exactly one of --shots FILE or --user ID")
-        out_dir = gen.check_out_dir(out_dir)  # before any work: refuse a directory we would destroy
-        if not prompts.is_file():
-            raise InputError(f"--prompts {prompts}: no such file")
-        prompt_list = [line.strip() for line in prompts.read_text().splitlines() if line.strip()]
-        if not prompt_list:
-            raise InputError(f"--prompts {prompts}: no prompts (one per line)")
-        wanted = ["embed", "fewshot", *pipeline.backbone_stages(cfg)] + (
-            [gen.TRAIN_STAGE[model]] if model != "base" else []
+        resolved_root = root.expanduser().resolve()
+        cfg = _absolute_root(_resolve(config, set_, [f"run.root={resolved_root}"], root=resolved_root))
+        result = generate_for_user(
+            cfg,
+            model,
+            read_prompts(prompts),
+            out_dir,
+            shots=shots,
+            user=user,
+            seeds=seeds,
+            settings={"scale": scale, "guidance": guidance, "user_guidance": user_guidance, "steps": steps},
         )
-        dirs = pipeline.locate(cfg, wanted)
-        embedder = gen.embedder_for(cfg, model)
-        if model == "base":
-            cond = None
-        elif shots is not None:
-            cond = gen.new_user(cfg, dirs, embedder, shots)
-        else:
-            cond = gen.known_user(
-                dirs["embed"], embedder, user, average=int(user) in gen.averaged_users(cfg, dirs["fewshot"])
-            )
-        settings = gen.Settings.from_config(cfg)
-        updates = {"scale": scale, "guidance": guidance, "user_guidance": user_guidance, "steps": steps}
-        settings = replace(settings, **{k: v for k, v in updates.items() if v is not None})
-        models = gen.ModelSet.load(cfg, dirs, [model])
-        index, plist, seed_list = gen.request_grid(prompt_list, seeds)
-        images = models.generate(model, plist, seed_list, None if cond is None else cond.embedding, settings)
-        request = {
-            "model": model,
-            "run_root": str(cfg.run.root),
-            "model_dir": str(dirs.get(gen.TRAIN_STAGE.get(model, ""), dirs.get("pretrain", ""))),
-            "user_id": None if cond is None else cond.user_id,
-            "shot_set_id": None if cond is None else cond.shot_set_id,
-            "shots_file": None if shots is None else str(shots.resolve()),
-            "prompts": prompt_list,
-            "seeds_per_prompt": seeds,
-            "settings": settings.__dict__,
-        }
-        result = gen.write_images(out_dir, images, index, seed_list, request)
     except PPDError as e:
         _fail(e)
     if as_json:

@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 
 from ppd_core.config import PPDConfig, load_config
+from ppd_core.errors import PPDError
+from ppd_core.layout import RunLayout
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PRESET = REPO_ROOT / "configs" / "toy.yaml"
@@ -37,11 +39,67 @@ SetOpt = Annotated[
 ]
 
 
-def _resolve(config: Path | None, sets: list[str] | None, extra: list[str] = ()) -> PPDConfig:
+def _resolve(
+    config: Path | None, sets: list[str] | None, extra: list[str] = (), root: Path | None = None
+) -> PPDConfig:
+    """The config of a command: ``--config`` (else $PPD_CONFIG), else, given the ``root`` of an earlier
+    ``ppd run``, the config that run recorded, else configs/toy.yaml; then PPD_* variables and ``--set``.
+    ``ppd run`` itself passes no ``root``: what its command line says is what runs (and is recorded)."""
     path = config or (Path(os.environ["PPD_CONFIG"]) if os.environ.get("PPD_CONFIG") else None)
-    if path is None and DEFAULT_PRESET.is_file():
+    recorded = RunLayout(root).run_config if root is not None else None
+    if path is None and recorded is not None and recorded.is_file():
+        path = recorded
+    elif path is None and DEFAULT_PRESET.is_file():
         path = DEFAULT_PRESET
-    return load_config(path, [*(sets or []), *extra])
+    cfg = load_config(path, [*(sets or []), *extra])
+    if recorded is not None and recorded.is_file() and path != recorded:
+        differs = config_differences(load_config(recorded), cfg)
+        if differs:
+            err.print(
+                f"note: {root} was run with another config (differs in {', '.join(differs[:6])}"
+                f"{', ...' if len(differs) > 6 else ''}); using {path}",
+                markup=False,
+                soft_wrap=True,
+            )
+    return cfg
+
+
+def config_differences(a: PPDConfig, b: PPDConfig) -> list[str]:
+    """Dotted keys whose values differ between two configs (``run.root`` excluded)."""
+
+    def flat(data, prefix=""):
+        if isinstance(data, dict):
+            for k, v in data.items():
+                yield from flat(v, f"{prefix}{k}.")
+        else:
+            yield prefix[:-1], data
+
+    left, right = dict(flat(a.model_dump(mode="json"))), dict(flat(b.model_dump(mode="json")))
+    return [k for k in sorted(set(left) | set(right)) if k != "run.root" and left.get(k) != right.get(k)]
+
+
+def record_run_config(cfg: PPDConfig) -> None:
+    """Write the resolved config to ``<root>/run_config.yaml`` (atomically) for later commands on the root;
+    say in one line when it replaces a different one."""
+    from ppd_core.config import config_to_yaml
+    from ppd_core.manifest import atomic_write_bytes
+
+    path = RunLayout(cfg.run.root).run_config
+    if path.is_file():
+        try:
+            differs = config_differences(load_config(path), cfg)
+        except PPDError:
+            differs = ["(unreadable record)"]
+        if differs:
+            err.print(
+                f"note: this root was last run with another config (differs in {', '.join(differs[:6])}"
+                f"{', ...' if len(differs) > 6 else ''}); both runs' outputs are kept, and later commands on "
+                "the root now use this run's config",
+                markup=False,
+                soft_wrap=True,
+            )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, config_to_yaml(cfg).encode())
 
 
 def _fail(e: Exception, code: int = 2) -> None:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from ppd_core.errors import InputError
 
+RUN_CONFIG = "run_config.yaml"
+
 
 @dataclass(frozen=True)
 class RunLayout:
@@ -53,6 +55,11 @@ class RunLayout:
     def partition_dir(self, stage: str, partition: str) -> Path:
         """One partition's outputs (one per fingerprint), its ``status.json`` and ``.lock``."""
         return self.partitions_root(stage) / partition
+
+    @property
+    def run_config(self) -> Path:
+        """The resolved config of the latest ``ppd run`` on this root (later commands start from it)."""
+        return self.root / RUN_CONFIG
 
     @property
     def prefect_home(self) -> Path:

@@ -139,19 +139,28 @@ def run_stages(cfg: PPDConfig, stages: Sequence[str] | None = None) -> dict[str,
 
 
 def locate(cfg: PPDConfig, stages: Sequence[str]) -> dict[str, Path]:
-    """Output directories of ``stages`` and their upstream, computing nothing: each must already be complete."""
+    """Output directories of ``stages`` and their upstream, computing nothing: each must already be complete.
+    When some are not, one error names them all (in pipeline order) and the one command that makes them."""
     from ppd_core.manifest import is_complete, load_manifest
 
     manifests: dict[str, Manifest] = {}
     dirs: dict[str, Path] = {}
-    for stage in expand(stages, cfg):
-        p = plan(cfg, stage, {u: manifests[u] for u in upstream_of(stage, cfg)})
+    missing: list[str] = []
+    for name in expand(stages, cfg):
+        needs = upstream_of(name, cfg)
+        if any(u in missing for u in needs):
+            missing.append(name)  # an upstream is missing, so this output cannot exist for this config
+            continue
+        p = plan(cfg, name, {u: manifests[u] for u in needs})
         if not is_complete(p.directory):
-            raise StageError(
-                f"stage {stage} has no complete output for this config under {cfg.run.root} "
-                f"(expected {p.directory}); run `ppd run --stages {stage}` with the same config first"
-            )
-        manifests[stage], dirs[stage] = load_manifest(p.directory), p.directory
+            missing.append(name)
+            continue
+        manifests[name], dirs[name] = load_manifest(p.directory), p.directory
+    if missing:
+        raise StageError(
+            f"{cfg.run.root} has no complete output of {', '.join(missing)} for this config; make "
+            f"{'them' if len(missing) > 1 else 'it'} with: ppd run --root {cfg.run.root} --stages {','.join(stages)}"
+        )
     return dirs
 
 

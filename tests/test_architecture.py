@@ -25,6 +25,7 @@ LAYERS = (
     "ppd_core.tiny",
     "ppd_core.stages",
     "ppd_core.pipeline",
+    "ppd_core.personalize",
     "tasks",
     "flows",
 )
@@ -39,7 +40,7 @@ def package_of(module: str) -> str:
     parts = module.split(".")
     if parts[0] != "ppd_core" or len(parts) == 1:
         return parts[0]
-    if (REPO / "ppd_core" / parts[1]).is_dir() or parts[1] == "pipeline":
+    if (REPO / "ppd_core" / parts[1]).is_dir() or parts[1] in ("pipeline", "personalize"):
         return f"ppd_core.{parts[1]}"
     return "ppd_core"
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ppd_core.config import reference_markdown
 from tests.conftest import running
@@ -264,3 +265,54 @@ def test_root_that_is_a_file_is_a_one_line_error(command, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert f"run root {afile} is a file, not a directory" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and afile.read_text() == "mine\n"
+
+
+def test_a_run_root_remembers_its_config_for_later_commands(tmp_path):
+    """After `ppd run --set ...`, `ppd generate` on the root needs none of those settings again; a root
+    lacking upstream stages names every missing stage at once, with the command that makes them."""
+    root = tmp_path / "root"
+    sets = [*SMALL, "--set", "pretrain.steps=5"]
+    ppd("run", "--root", str(root), "--stages", "embed,pretrain", *sets)
+    recorded = yaml.safe_load((root / "run_config.yaml").read_text())
+    assert recorded["world"]["num_users"] == 24 and recorded["pretrain"]["steps"] == 5
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    out = tmp_path / "images"
+    gen = ppd(
+        "generate",
+        "--root",
+        str(root),
+        "--model",
+        "base",
+        "--prompts",
+        str(prompts),
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+        "--json",
+    )  # no --set: the root's recorded config
+    assert json.loads(gen.stdout)["images"] == 1
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = ppd(
+        "generate",
+        "--root",
+        str(empty),
+        "--model",
+        "base",
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(tmp_path / "o2"),
+        check=False,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    message = " ".join(proc.stderr.split())
+    named = message.split("no complete output of ", 1)[1].split(" for this config")[0].split(", ")
+    assert named[:2] == ["synthesize", "ingest"] and {"fewshot", "embed", "pretrain"} <= set(named)
+    assert f"ppd run --root {empty} --stages" in message
+
+    changed = ppd("run", "--root", str(root), "--stages", "fewshot", *sets, "--set", "fewshot.seed=3")
+    assert "last run with another config (differs in fewshot.seed)" in " ".join(changed.stderr.split())

@@ -44,6 +44,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def rank_command(
+    launcher: str,
+    module: str,
+    args: Sequence[str],
+    num_gpus: int = 1,
+    hostfile: str | None = None,
+) -> tuple[list[str], dict[str, str]]:
+    """The command (and its extra environment) that starts the ranks. One local rank needs no launcher: the
+    rank itself starts, with the environment a launcher would give it (``RANK``, ``LOCAL_RANK``,
+    ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), and still trains through
+    ``deepspeed.initialize``; this saves the launcher's own start (about 5 s per train stage on 2 CPU cores).
+    Several ranks or nodes go through :func:`build_command`."""
+    if num_gpus == 1 and not hostfile:
+        env = {
+            "RANK": "0",
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port()),
+        }
+        return [sys.executable, "-u", "-m", module, *args], env
+    return build_command(launcher, module, args, num_gpus, hostfile), {}
+
+
 def build_command(
     launcher: str,
     module: str,

@@ -73,10 +73,10 @@ def train_stage(
     spec_path = out_dir / "train_spec.json"
     atomic_write_json(spec_path, spec)
     t = cfg.train
-    cmd = launch.build_command(
+    cmd, env = launch.rank_command(
         t.launcher, "ppd_core.train.worker", ["--spec", str(spec_path)], t.num_gpus, t.hostfile
     )
-    env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu") if not _has_cuda() else "cuda"}
+    env["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", "cpu") if not _has_cuda() else "cuda"
     watcher = _MetricsWatcher(out_dir / "metrics.jsonl", t.steps, progress) if progress else None
     if watcher:
         watcher.start()

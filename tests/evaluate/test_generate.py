@@ -124,7 +124,10 @@ def test_too_few_pairs_is_a_clear_error(models, tmp_path):
 def test_locate_refuses_stages_that_never_ran(small_run):
     cfg, _ = small_run
     other = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": 7})})
-    with pytest.raises(StageError, match="ppd run --stages train_ppd"):
+    with pytest.raises(
+        StageError,
+        match=r"no complete output of train_ppd for this config; make it with: ppd run --root .* --stages train_ppd",
+    ):
         locate(other, ["train_ppd"])
 
 

@@ -70,6 +70,19 @@ def test_commands_pass_through_launcher_options(tmp_path):
         launch.build_command("deepspeed", "m", [], hostfile=str(tmp_path / "missing"))
 
 
+def test_one_local_rank_starts_without_a_launcher_and_several_through_one(tmp_path):
+    cmd, env = launch.rank_command("deepspeed", "pkg.mod", ["--x", "1"], num_gpus=1)
+    assert cmd == [sys.executable, "-u", "-m", "pkg.mod", "--x", "1"]
+    assert (
+        env["RANK"] == env["LOCAL_RANK"] == "0" and env["WORLD_SIZE"] == "1" and int(env["MASTER_PORT"]) > 0
+    )
+    cmd, env = launch.rank_command("deepspeed", "pkg.mod", [], num_gpus=2)
+    assert "--num_gpus" in cmd and env == {}
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("localhost slots=1\n")
+    assert "--hostfile" in launch.rank_command("deepspeed", "m", [], num_gpus=1, hostfile=str(hostfile))[0]
+
+
 def test_failed_run_is_a_clear_error_with_the_log_tail(tmp_path):
     cmd = [sys.executable, "-c", "print('about to fail'); raise SystemExit(3)"]
     with pytest.raises(StageError, match="code 3") as e:
