@@ -293,7 +293,7 @@ def train_encoder(
         opt.zero_grad()
         loss.backward()
         opt.step()
-        window.append(float(bt))
+        window.append(float(bt.detach()))
         bar.update(1)
         if step % LOG_EVERY == 0 or step == cfg.steps:
             line = {"step": step, "loss": float(np.mean(window)), "kl": float(kl), "lr": cfg.lr}
