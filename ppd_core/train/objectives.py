@@ -20,12 +20,14 @@ from ppd_core.models.adapter import embedding_dropout
 from ppd_core.train.losses import diffusion_dpo_loss, per_sample_mse, sft_loss
 
 
-def _noised(backbone, x0: torch.Tensor, pairs: int, generator: torch.Generator):
-    """One noise draw and one timestep per pair, shared by its two images: (x_t, t, target) for (2P, ...)."""
+def _draw(backbone, x0: torch.Tensor, pairs: int, generator: torch.Generator, dropout: float):
+    """One noise draw and one timestep per pair, shared by its two images, then the null-user mask (P,):
+    (x_t, t, target) for (2P, ...) and the mask, drawn in that order from ``generator``."""
     noise = torch.randn((pairs, *x0.shape[1:]), generator=generator, device=x0.device).repeat(2, 1, 1, 1)
     t = backbone.sample_timesteps(pairs, generator=generator)
     t = t.repeat(2) if t.ndim == 1 else t.repeat(2, *([1] * (t.ndim - 1)))
-    return backbone.add_noise(x0, noise, t), t, backbone.target(x0, noise, t)
+    null = embedding_dropout(pairs, dropout, generator=generator).to(x0.device)
+    return backbone.add_noise(x0, noise, t), t, backbone.target(x0, noise, t), null
 
 
 @dataclass(frozen=True)
@@ -54,9 +56,7 @@ class DiffusionDPO(Objective):
     """Diffusion-DPO against the same network with the user branch off (ppd_core.train.losses)."""
 
     def loss(self, backbone, adapter, x0, text, emb, beta, generator, dropout, scale):
-        p = emb.shape[0]
-        x_t, t, target = _noised(backbone, x0, p, generator)
-        null = embedding_dropout(p, dropout, generator=generator).to(x0.device)
+        x_t, t, target, null = _draw(backbone, x0, emb.shape[0], generator, dropout)
         tokens, user_scale = adapter.condition(emb.repeat(2, *([1] * (emb.ndim - 1))), scale, null.repeat(2))
         model_mse = per_sample_mse(backbone.denoise(x_t, t, text, tokens, user_scale), target)
         with torch.no_grad():
@@ -71,8 +71,7 @@ class SupervisedFT(Objective):
 
     def loss(self, backbone, adapter, x0, text, emb, beta, generator, dropout, scale):
         p = emb.shape[0]
-        x_t, t, target = _noised(backbone, x0, p, generator)
-        null = embedding_dropout(p, dropout, generator=generator).to(x0.device)
+        x_t, t, target, null = _draw(backbone, x0, p, generator, dropout)
         tokens, user_scale = adapter.condition(emb, scale, null)
         pred = backbone.denoise(x_t[:p], t[:p], text[:p], tokens, user_scale)
         loss = sft_loss(per_sample_mse(pred, target[:p]))
