@@ -53,15 +53,19 @@ def _resolve(
         path = DEFAULT_PRESET
     cfg = load_config(path, [*(sets or []), *extra])
     if recorded is not None and recorded.is_file() and path != recorded:
-        differs = config_differences(load_config(recorded), cfg)
-        if differs:
-            err.print(
-                f"note: {root} was run with another config (differs in {', '.join(differs[:6])}"
-                f"{', ...' if len(differs) > 6 else ''}); using {path}",
-                markup=False,
-                soft_wrap=True,
-            )
+        _say_if_different(recorded, cfg, f"{root} was run with another config", f"using {path}")
     return cfg
+
+
+def _say_if_different(recorded: Path, cfg: PPDConfig, what: str, consequence: str) -> None:
+    """One line when ``cfg`` differs from the config recorded at ``recorded`` (an unreadable record counts)."""
+    try:
+        differs = config_differences(load_config(recorded), cfg)
+    except PPDError:
+        differs = ["(unreadable record)"]
+    if differs:
+        shown = ", ".join(differs[:6]) + (", ..." if len(differs) > 6 else "")
+        err.print(f"note: {what} (differs in {shown}); {consequence}", markup=False, soft_wrap=True)
 
 
 def config_differences(a: PPDConfig, b: PPDConfig) -> list[str]:
@@ -86,18 +90,12 @@ def record_run_config(cfg: PPDConfig) -> None:
 
     path = RunLayout(cfg.run.root).run_config
     if path.is_file():
-        try:
-            differs = config_differences(load_config(path), cfg)
-        except PPDError:
-            differs = ["(unreadable record)"]
-        if differs:
-            err.print(
-                f"note: this root was last run with another config (differs in {', '.join(differs[:6])}"
-                f"{', ...' if len(differs) > 6 else ''}); both runs' outputs are kept, and later commands on "
-                "the root now use this run's config",
-                markup=False,
-                soft_wrap=True,
-            )
+        _say_if_different(
+            path,
+            cfg,
+            "this root was last run with another config",
+            "both runs' outputs are kept, and later commands on the root now use this run's config",
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, config_to_yaml(cfg).encode())
 

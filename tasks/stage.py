@@ -47,7 +47,7 @@ def _shard_mapper(workers: int):
 
 def publish(summary: Summary) -> None:
     """Show a stage's summary as a Prefect artifact."""
-    if summary.rows is not None and summary.rows:
+    if summary.rows:
         create_table_artifact(summary.rows, key=summary.key, description=summary.description)
     if summary.markdown is not None:
         create_markdown_artifact(summary.markdown, key=summary.key, description=summary.description)
