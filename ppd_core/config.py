@@ -486,9 +486,10 @@ class TrainConfig(Section):
     """The `train` stages: user-conditioned Diffusion-DPO (ppd) and the dpo / sft baselines, through DeepSpeed."""
 
     trainers: tuple[Literal["ppd", "dpo", "sft"], ...] = Field(
-        ("ppd", "dpo", "sft"),
+        ("ppd", "dpo"),
         description="ppd: DPO conditioned on each pair's user embedding; dpo: population DPO (same adapter, one constant "
-        "embedding); sft: same adapter and constant embedding, denoising loss on winners only.",
+        "embedding); sft: same adapter and constant embedding, denoising loss on winners only (a second population "
+        "baseline that no headline reads, so off by default; configs/toy_readouts.yaml turns it on).",
     )
     ceiling_embedder: str | None = Field(
         "true-preference",

@@ -54,9 +54,12 @@ def interpolation_study(
         for a, b in combinations(present, 2):
             u_a, u_b = table[users[a]][1], table[users[b]][1]
             scored: dict[str, list[np.ndarray]] = {a: [], b: []}  # per alpha: every prompt's score
-            for alpha in e.interpolation_alphas:
-                emb = alpha * u_a + (1 - alpha) * u_b  # (*shape)
-                images = models.generate(model, prompts, seeds, emb, settings)  # (P, H, W, 3)
+            alphas = list(e.interpolation_alphas)
+            # every weight's images in one sampler call (larger batches; each image keeps its own seed)
+            emb = np.stack([alpha * u_a + (1 - alpha) * u_b for alpha in alphas for _ in prompts])
+            generated = models.generate(model, prompts * len(alphas), seeds * len(alphas), emb, settings)
+            for k, alpha in enumerate(alphas):
+                images = generated[k * len(prompts) : (k + 1) * len(prompts)]  # (P, H, W, 3)
                 for reward in scorers:
                     s = reward.score(images, prompts)  # (P,)
                     rows.append(

@@ -11,6 +11,7 @@ SMALL_RUN = [
     "world.num_users=24",
     "world.mean_pairs_per_user=30",
     "pretrain.steps=30",
+    "train.trainers=[ppd, dpo, sft]",  # every trainer, although the default leaves sft out
     "train.steps=6",
     "train.validate_every=6",
     "train.checkpoint_every=6",
