@@ -537,6 +537,9 @@ def main() -> None:
                 "stage": stage,
                 "uninterrupted_stage_s": round(reference["seconds"], 3),
                 "counts": _counts(trials),
+                # informational: kills that landed before the stage committed its output (on a busy machine a
+                # trial can run faster than the reference, and a late moment then finds the stage done)
+                "killed_before_commit": sum(not t.get("committed_before_kill", True) for t in trials),
                 "trials": trials,
                 "wall_s": round(time.monotonic() - t0, 1),
             }
