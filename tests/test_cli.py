@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ppd_core import pipeline
 from ppd_core.config import reference_markdown
 from tests.conftest import running
 
@@ -39,6 +40,34 @@ def ppd(*args, check=True, env=None):
 
 def run_json(*args):
     return {s["name"]: s for s in json.loads(ppd("run", *args, "--json").stdout)["stages"]}
+
+
+_READ_PROGRESS = """
+import asyncio, json
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType
+
+async def main():
+    async with get_client() as client:
+        found = await client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])))
+    print(json.dumps([{"description": a.description, "data": a.data} for a in found]))
+
+asyncio.run(main())
+"""
+
+
+def progress_artifacts(root: Path) -> list[dict]:
+    """The progress artifacts recorded in a run root's Prefect database (description, percentage)."""
+    env = ppd_env({"PREFECT_HOME": str(root / ".prefect")})
+    proc = subprocess.run(
+        [sys.executable, "-c", _READ_PROGRESS],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=True,
+    )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("command", [[], ["run"], ["config"], ["config", "show"], ["config", "reference"]])
@@ -102,6 +131,9 @@ def test_pipeline_flow_caches_and_recomputes_only_what_changed(tmp_path):
         assert Path(s["output_dir"]).parent == Path(root, s["name"])
     ingest = first["ingest"]["counts"]
     assert ingest["input_rows"] == ingest["kept_rows"] + ingest["quarantined"] > 0
+    # every computed stage showed its progress as a Prefect artifact, ending at 100%
+    finished = {a["description"] for a in progress_artifacts(Path(root)) if a["data"] == 100}
+    assert {pipeline.stage(name).progress for name in first} <= finished
 
     second = run_json("--root", root, *SMALL, "--stages", "probe")
     assert all(s["cached"] for s in second.values())
