@@ -30,9 +30,9 @@ The kill trials talk to one Prefect server that this script starts for them (``p
 root of its own; ``--embedded`` runs each command with its own temporary server instead, about 20 s more
 per command on 2 cores). Settings: :data:`SETTINGS` (a small world, few steps), recorded in the JSON.
 
-The functions under "Helpers" are meant for reuse by tests (``tests/test_cli.py`` uses
-:func:`start_group`, :func:`kill_group` and :func:`survivors`); run from the repository root, this
-module imports as ``benchmarks.bench_faults``.
+The functions under "helpers" are meant for reuse by tests: ``tests/test_cli.py``'s slow kill test uses
+:func:`launched_by`, :func:`kill_group`, :func:`survivors`, :func:`reap` and :func:`tensorboard_history`
+(imported as ``benchmarks.bench_faults`` from the repository root).
 """
 
 from __future__ import annotations
@@ -101,6 +101,7 @@ BITWISE_DIRS = (
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+# (reused by tests/test_cli.py: keep them free of the benchmark's state)
 
 
 def ppd_env(api_url: str | None = None) -> dict[str, str]:

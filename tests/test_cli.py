@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from benchmarks.bench_faults import kill_group, launched_by, reap, survivors, tensorboard_history
 from ppd_core import pipeline
 from ppd_core.config import reference_markdown
-from tests.conftest import running
 
 REPO = Path(__file__).resolve().parents[1]
 PPD = str(Path(sys.executable).parent / "ppd")
@@ -212,24 +212,10 @@ TRAIN = [
 ]
 
 
-def _training_processes(root: Path) -> list[int]:
-    """Pids of the launcher and ranks training under ``root`` (their command lines name its train spec)."""
-    import psutil
-
-    found = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if str(root) in cmdline and "train_spec.json" in cmdline:
-            found.append(proc.info["pid"])
-    return found
-
-
 @pytest.mark.slow  # about 3 minutes on 2 cores: the data stages, then training twice
 def test_kill_9_of_ppd_ends_training_and_the_rerun_logs_each_step_once(tmp_path):
     """``kill -9`` of the ppd process group mid-training: the DeepSpeed launcher and ranks (their own session)
     end too; the rerun resumes from the last checkpoint and commits logs with every step once."""
-    import signal
-
     root = tmp_path / "run"
     cmd = [PPD, "run", "--root", str(root), *TRAIN]
     log = tmp_path / "killed-ppd.log"
@@ -242,17 +228,11 @@ def test_kill_9_of_ppd_ends_training_and_the_rerun_logs_each_step_once(tmp_path)
         if proc.poll() is not None or time.time() > deadline:
             pytest.fail(f"training did not reach its first checkpoint:\n{log.read_text()[-4000:]}")
         time.sleep(0.2)
-    training = _training_processes(root)
-    assert training  # the launcher and the rank
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    deadline = time.time() + 30
-    while any(running(p) for p in training) and time.time() < deadline:
-        time.sleep(0.2)
-    survivors = [p for p in training if running(p)]
-    for p in survivors:
-        os.kill(p, signal.SIGKILL)
-    assert not survivors, "training outlived the killed ppd"
+    assert launched_by(proc.pid)  # the rank, in a session of its own; its environment names this ppd
+    seen = kill_group(proc)  # kill -9 of the process group
+    left, _ = survivors(proc.pid, seen, wait_s=30)
+    reap(seen)
+    assert not left, f"training outlived the killed ppd: {left}"
 
     rerun = ppd("run", "--root", str(root), *TRAIN)
     train = {s["name"]: s for s in json.loads(rerun.stdout)["stages"]}["train_ppd"]
@@ -262,6 +242,9 @@ def test_kill_9_of_ppd_ends_training_and_the_rerun_logs_each_step_once(tmp_path)
     assert steps == list(range(1, 13))
     validated = [json.loads(x)["step"] for x in (out / "validation.jsonl").read_text().splitlines()]
     assert validated == [3, 6, 9, 12]
+    names, history = tensorboard_history(out / "tensorboard")
+    assert len(names) == 1 and len(history) == len(set(history))  # one event file, each (tag, step) once
+    assert {step for tag, step in history if tag == "train/loss"} == set(range(1, 13))
 
 
 def test_config_errors_name_the_source_of_the_value():
