@@ -88,6 +88,19 @@ class Stage:
             return ""
 
 
+class ProgressCount:
+    """Counts done units of a known total for a stage body and reports ``(done, total)`` to its progress
+    callback (a no-op without one); bodies call :meth:`add` once per chunk of work, not per row."""
+
+    def __init__(self, progress: Progress | None, total: int):
+        self.progress, self.total, self.done = progress, int(total), 0
+
+    def add(self, n: int = 1) -> None:
+        self.done += int(n)
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+
 def no_upstream(cfg: PPDConfig) -> tuple[str, ...]:
     return ()
 

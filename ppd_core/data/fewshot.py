@@ -50,6 +50,7 @@ from ppd_core import schemas
 from ppd_core.config import FewshotConfig
 from ppd_core.errors import SchemaError, StageError
 from ppd_core.manifest import atomic_write_bytes
+from ppd_core.stage import Progress, ProgressCount
 
 SEEN, UNSEEN, EXCLUDED = "seen", "unseen", "excluded"
 TOO_FEW_PAIRS = "too_few_pairs"  # fewer than min_pairs_per_user
@@ -57,6 +58,7 @@ TOO_FEW_PAIRS_SEEN = "too_few_pairs_seen"  # seen, but no shot set or no conditi
 TOO_FEW_PAIRS_UNSEEN = "too_few_pairs_unseen"  # unseen, but not one set plus one evaluation pair
 UNSEEN_SALT = "unseen"  # the split hashes f"{UNSEEN_SALT}:{user_id}", independent of cfg.seed
 SHOT_SET_ID_CHARS = 20
+PROGRESS_USERS = 256  # users planned between two progress reports
 OUTPUT_SCHEMAS = {
     "shot_sets": schemas.SHOT_SETS,
     "train_pairs": schemas.TRAIN_PAIRS,
@@ -347,8 +349,11 @@ def _check_invariants(cfg: FewshotConfig, tables: dict[str, pa.Table], plans: li
         )
 
 
-def build_fewshot(cfg: FewshotConfig, pairs: pa.Table) -> dict[str, pa.Table]:
-    """Shot sets, training pairs, evaluation pairs and the per-user table; pure and deterministic."""
+def build_fewshot(
+    cfg: FewshotConfig, pairs: pa.Table, progress: Progress | None = None
+) -> dict[str, pa.Table]:
+    """Shot sets, training pairs, evaluation pairs and the per-user table; pure and deterministic.
+    ``progress(done, total)`` counts the users planned, ``PROGRESS_USERS`` at a time."""
     _check_columns(pairs, "pairs")
     pairs = pairs.select(list(REQUIRED_COLUMNS))
     _check_values(pairs)
@@ -359,9 +364,12 @@ def build_fewshot(cfg: FewshotConfig, pairs: pa.Table) -> dict[str, pa.Table]:
     user_ids = pairs["user_id"].to_numpy()
     starts = np.flatnonzero(np.r_[True, user_ids[1:] != user_ids[:-1]])  # first row of each user
     ends = np.r_[starts[1:], len(user_ids)]
-    plans = [
-        _plan_user(cfg, int(user_ids[s]), list(range(s, e)), keys) for s, e in zip(starts, ends, strict=True)
-    ]
+    planned = ProgressCount(progress, len(starts))
+    plans = []
+    for first in range(0, len(starts), PROGRESS_USERS):
+        chunk = zip(starts[first : first + PROGRESS_USERS], ends[first : first + PROGRESS_USERS], strict=True)
+        plans += [_plan_user(cfg, int(user_ids[s]), list(range(s, e)), keys) for s, e in chunk]
+        planned.add(len(plans) - planned.done)
     if all(plan.split == EXCLUDED for plan in plans):
         reasons = dict(Counter(plan.reason for plan in plans))
         raise StageError(
@@ -436,15 +444,19 @@ def read_fewshot(fewshot_dir: str | Path, name: str, columns: list[str] | None =
 
 
 def sample_fewshot(
-    cfg: FewshotConfig, ingest_dir: Path, out_dir: Path, relabel_dir: Path | None = None
+    cfg: FewshotConfig,
+    ingest_dir: Path,
+    out_dir: Path,
+    relabel_dir: Path | None = None,
+    progress: Progress | None = None,
 ) -> dict:
     """Stage body: read the ingested pairs and the relabel stage's reward users' pairs (same schema), draw
-    the few-shot tables, write ``out_dir/<name>.parquet``, return counts."""
+    the few-shot tables, write ``out_dir/<name>.parquet``, return counts (``progress``: users planned)."""
     pairs = read_pairs(Path(ingest_dir)).select(list(REQUIRED_COLUMNS))
     if relabel_dir is not None:
         relabelled = read_pairs(Path(relabel_dir), allow_empty=True).select(list(REQUIRED_COLUMNS))
         pairs = pa.concat_tables([pairs, relabelled])
-    tables = build_fewshot(cfg, pairs)
+    tables = build_fewshot(cfg, pairs, progress)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, table in tables.items():

@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 from ppd_core.config import RelabelConfig, RewardSpec
 from ppd_core.data.fewshot import read_pairs, unseen_score, write_table
 from ppd_core.schemas import PAIRS, PAIRS_PARTITION, REWARD_USERS
+from ppd_core.stage import Progress, ProgressCount
 
 REWARD_USERS_FILE = "reward_users.parquet"
 PAIRS_DIR = "pairs"
@@ -87,9 +88,10 @@ def read_reward_users(relabel_dir: str | Path) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------- scoring
 
 
-def _score(reward, store, uids: Sequence[str], prompts: Sequence[str]) -> np.ndarray:
+def _score(reward, store, uids: Sequence[str], prompts: Sequence[str], scored: ProgressCount) -> np.ndarray:
     """Scores (N,) of the stored images ``uids``: decoded ``SCORE_CHUNK`` at a time (memory stays flat whatever
-    ``rows_per_reward`` is), one batched call per image shape within a chunk (real images vary in size)."""
+    ``rows_per_reward`` is), one batched call per image shape within a chunk (real images vary in size);
+    ``scored`` counts each chunk."""
     out = np.empty(len(uids), dtype=np.float64)
     for start in range(0, len(uids), SCORE_CHUNK):
         images = [np.asarray(store.get_pil(u).convert("RGB")) for u in uids[start : start + SCORE_CHUNK]]
@@ -99,6 +101,7 @@ def _score(reward, store, uids: Sequence[str], prompts: Sequence[str]) -> np.nda
         for rows in by_shape.values():
             batch = np.stack([images[i] for i in rows])  # (B, H, W, 3) uint8
             out[[start + i for i in rows]] = reward.score(batch, [prompts[start + i] for i in rows])
+        scored.add(len(images))
     return out
 
 
@@ -160,8 +163,10 @@ def relabel(
     out_dir: Path,
     tiny_models_dir: Path | None = None,
     world_dir: Path | None = None,
+    progress: Progress | None = None,
 ) -> dict:
-    """Stage body: relabel a sample of ingested pairs by each reward, write ``out_dir``, return counts."""
+    """Stage body: relabel a sample of ingested pairs by each reward, write ``out_dir``, return counts.
+    ``progress(done, total)`` counts the images scored (two per pair and reward)."""
     from ppd_core.data.images import has_ingest_images, ingest_images
     from ppd_core.rewards.scorers import load_rewards
 
@@ -181,11 +186,12 @@ def relabel(
     users = reward_user_ids([r.name for r in rewards], set(pairs["user_id"].to_pylist()), cfg.seed)
     store = ingest_images(ingest_dir) if rewards else None
     tables, rows = [], []
-    for reward in rewards:
-        sample = _sample(with_images, cfg.rows_per_reward, cfg.seed, reward.name)
+    samples = [_sample(with_images, cfg.rows_per_reward, cfg.seed, reward.name) for reward in rewards]
+    scored = ProgressCount(progress, 2 * sum(s.num_rows for s in samples))
+    for reward, sample in zip(rewards, samples, strict=True):
         prompts = [c or "" for c in sample["caption"].to_pylist()]
         winner, loser = (
-            _score(reward, store, sample[c].to_pylist(), prompts) for c in ("winner_uid", "loser_uid")
+            _score(reward, store, sample[c].to_pylist(), prompts, scored) for c in ("winner_uid", "loser_uid")
         )
         table, ties = _orient(sample, winner, loser, reward.name, users[reward.name])
         tables.append(table)

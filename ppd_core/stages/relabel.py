@@ -30,7 +30,13 @@ def run(ctx: StageContext, out: Path) -> dict:
 
     d = ctx.dirs
     return relabel(
-        ctx.cfg.relabel, ctx.cfg.relabel_rewards(), d["ingest"], out, d.get("tiny_models"), world_dir(d)
+        ctx.cfg.relabel,
+        ctx.cfg.relabel_rewards(),
+        d["ingest"],
+        out,
+        d.get("tiny_models"),
+        world_dir(d),
+        progress=ctx.progress,
     )
 
 
@@ -46,6 +52,7 @@ STAGE = Stage(
     upstream,
     section,
     run,
+    progress="scored images",
     summarize=summarize,
     tags=("data",),
     brief=lambda c: f"{len(c['reward_users'])} reward users, {c['rows']:,} relabelled pairs",
