@@ -65,6 +65,13 @@ class RunConfig(Section):
         0, description="Global seed; stages derive their own seeds from it unless they set one."
     )
     workers: int = volatile(2, "Worker threads/processes for data stages (does not change results).")
+    server_idle_seconds: float = volatile(
+        300.0,
+        "Seconds a root's background Prefect server, started by the first command that needs one, stays up "
+        "unused before stopping itself (0: none is kept; each command starts Prefect's temporary server).",
+        ge=0,
+        allow_inf_nan=False,
+    )
 
 
 class QuirkRates(Section):
