@@ -65,6 +65,17 @@ class RunConfig(Section):
         0, description="Global seed; stages derive their own seeds from it unless they set one."
     )
     workers: int = volatile(2, "Worker threads/processes for data stages (does not change results).")
+    task_runner: Literal["threads", "dask"] = volatile(
+        "threads",
+        "How a stage's shards (embed shards, evaluate generation and scoring batches, relabel scoring chunks) run "
+        "at once: threads of the `ppd` process, or dask worker processes, each pinned to its own device "
+        "(install the `dask` extra).",
+    )
+    cluster_address: str | None = volatile(
+        None,
+        "Scheduler address of a running Dask cluster to join (tcp://host:8786) when task_runner is dask; "
+        "None starts a local cluster of the stage's worker count for the stage.",
+    )
     server_idle_seconds: float = volatile(
         300.0,
         "Seconds a root's background Prefect server, started by the first command that needs one, stays up "

@@ -48,3 +48,10 @@ def train_embedder(cfg: PPDConfig, stage: str) -> str:
             )
         return model.embedder(cfg)
     return cfg.embed.default
+
+
+def shard_workers(cfg: PPDConfig) -> int:
+    """How many model-scoring or generation shards run at once (relabel, evaluate): ``run.workers`` worker
+    processes with the dask task runner, each holding its own copy of the models on its own device; one with
+    threads, whose shards share this process's single copy."""
+    return cfg.run.workers if cfg.run.task_runner == "dask" else 1
