@@ -321,8 +321,10 @@ def status(root: RootOpt, as_json: JsonOpt = False) -> None:
         _fail(PPDError(f"{root}: no such run root"))
     try:  # the root's recorded config (else the default preset), PPD_* variables included
         idle = _resolve(None, None, root=root).run.server_idle_seconds
-    except PPDError as e:
-        _fail(e)
+    except PPDError:  # a record this code no longer reads does not stop a status: the default applies
+        from ppd_core.config import RunConfig
+
+        idle = RunConfig.model_fields["server_idle_seconds"].default
     configure_prefect(root, idle)
     start_embedded_api(root)
     from flows.status import collect_status  # imports prefect: after configure_prefect

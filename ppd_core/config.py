@@ -67,9 +67,10 @@ class RunConfig(Section):
     workers: int = volatile(2, "Worker threads/processes for data stages (does not change results).")
     task_runner: Literal["threads", "dask"] = volatile(
         "threads",
-        "How a stage's shards (embed shards, evaluate generation and scoring batches, relabel scoring chunks) run "
-        "at once: threads of the `ppd` process, or dask worker processes, each pinned to its own device "
-        "(install the `dask` extra).",
+        "Where a stage's shards run: threads of the `ppd` process (embed shards; relabel and evaluate keep their "
+        "batches in the process), or dask worker processes, each pinned to its own device, for the embed shards "
+        "(embed.shard_workers at once), relabel scoring chunks and evaluate generation and scoring batches "
+        "(run.workers at once). Install the `dask` extra.",
     )
     cluster_address: str | None = volatile(
         None,

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -77,7 +78,12 @@ def task_runner(
         ) from None
     if run.cluster_address:
         return DaskTaskRunner(address=run.cluster_address), None
-    env = {**_api_env(), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # no INFO line per worker start and stop
+    env = {
+        **_api_env(),
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+        "DASK_LOGGING__DISTRIBUTED": "warning",
+    }
     cluster = {
         "n_workers": workers,
         "threads_per_worker": 1,

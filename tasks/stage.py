@@ -73,7 +73,8 @@ def stage_task(config: PPDConfig, plan: pipeline.StagePlan, upstream_dirs: dict[
     """Execute one planned stage (the flow plans each stage once and passes the plan in)."""
     spec = STAGES[plan.stage]
     progress = progress_reporter(spec.progress) if spec.progress else None
-    map_fn = _shard_mapper(spec.workers(config), config.run) if spec.workers else None
+    workers = spec.workers(config) if spec.workers else 0
+    map_fn = _shard_mapper(workers, config.run) if workers else None
     result = run_stage_body(config, plan, upstream_dirs, progress=progress, map_fn=map_fn)
     if spec.summarize is not None:
         for summary in spec.summarize(result["counts"], Path(result["directory"])):

@@ -270,7 +270,7 @@ def evaluate_stage(
     from ppd_core.evaluate import judging, report
     from ppd_core.evaluate.interpolate import interpolation_study
     from ppd_core.rewards.relabel import read_reward_users
-    from ppd_core.rewards.scorers import load_rewards
+    from ppd_core.rewards.scorers import load_rewards, release_process_rewards
 
     out_dir = Path(out_dir)
     world = _world(dirs)
@@ -311,7 +311,10 @@ def evaluate_stage(
         if embedder is not None:
             table = conditions(embedder)
             embeddings[model] = np.stack([table[u][1] for u in users])  # (N, *shape)
-    images, model_seconds = generate_sharded(work, models, prompts, seeds, embeddings, settings, map_fn)
+    try:
+        images, model_seconds = generate_sharded(work, models, prompts, seeds, embeddings, settings, map_fn)
+    finally:
+        _PROCESS_MODELS.pop(work.key, None)  # the models stay with this body only
     for model in models:
         seconds[f"generate_{model}"] = model_seconds[model]  # compute time of its batches
     mark("generate")
@@ -327,7 +330,10 @@ def evaluate_stage(
     )
 
     rewards, skipped = load_rewards(cfg.evaluate.rewards, dirs.get("tiny_models"), world_dir(dirs))
-    scores = score_sharded(work, rewards, images, prompts, users, map_fn)  # {(model, reward): (N,)}
+    try:
+        scores = score_sharded(work, rewards, images, prompts, users, map_fn)  # {(model, reward): (N,)}
+    finally:
+        release_process_rewards()
     pq.write_table(judging.scores_table(scores), out_dir / "rewards.parquet")
     primary = judging.primary_reward(rewards)
     ref = reference_images(dirs["ingest"], REFERENCE_IMAGES, cfg.evaluate.seed)

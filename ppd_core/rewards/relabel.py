@@ -225,7 +225,7 @@ def relabel(
     The scoring chunks (:class:`ScoreShard`) go through ``map_fn(work, shards)`` when given (an orchestrator's
     workers, results in any order), else run here one after another; the scores are the same either way."""
     from ppd_core.data.images import has_ingest_images, ingest_images
-    from ppd_core.rewards.scorers import load_rewards, process_reward
+    from ppd_core.rewards.scorers import load_rewards, process_reward, release_process_rewards
 
     ingest_dir, out_dir = Path(ingest_dir), Path(out_dir)
     pairs = read_pairs(ingest_dir)
@@ -254,8 +254,11 @@ def relabel(
         tuple(by_name[r.name] for r in rewards), ingest_dir, tiny_models_dir, world_dir, cfg.device
     )
     scores = {(r.name, side): np.empty(samples[r.name].num_rows) for r in rewards for side in SIDES}
-    for name, side, start, values in (map_fn or map)(work, shards):
-        scores[(name, side)][start : start + len(values)] = values
+    try:
+        for name, side, start, values in (map_fn or map)(work, shards):
+            scores[(name, side)][start : start + len(values)] = values
+    finally:
+        release_process_rewards()
     tables, rows = [], []
     for reward in rewards:
         sample = samples[reward.name]

@@ -617,6 +617,13 @@ def process_reward(
         return _PROCESS_REWARDS[key]
 
 
+def release_process_rewards() -> None:
+    """Drop this process's loaded rewards (:func:`process_reward`): a stage body calls it when its shards are
+    done, so the models do not outlive the stage in the ``ppd`` process."""
+    with _PROCESS_REWARDS_LOCK:
+        _PROCESS_REWARDS.clear()
+
+
 def load_rewards(
     specs: Iterable[RewardSpec],
     tiny_models_dir: Path | None = None,
