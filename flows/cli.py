@@ -9,9 +9,11 @@ Spellings are a contract used by scripts and schedules::
     ppd serve [--config FILE] [--root DIR] [--set key=value]...
     ppd config show [--config FILE] [--set key=value]...
 
-Prefect runs in its embedded mode (a temporary local API, no server to start) with its database and
-result records under ``<root>/.prefect``, unless ``PREFECT_API_URL`` points at a server or a server
-started by ``ppd ui`` for that root answers (its URL is kept in ``<root>/.prefect/api_url``).
+Prefect's database and result records live under ``<root>/.prefect``. Unless ``PREFECT_API_URL`` points at
+a server, commands use the root's local server: the one ``ppd ui`` started, or one the first command started
+in the background, which stops itself after ``run.server_idle_seconds`` (default 300) unused. Its URL is
+kept in ``<root>/.prefect/api_url`` (see :mod:`flows.server`); ``run.server_idle_seconds=0`` runs each
+command on Prefect's temporary server instead (about 10 s per command).
 """
 
 from __future__ import annotations
@@ -41,18 +43,35 @@ config_app = typer.Typer(help="Inspect the resolved configuration.", no_args_is_
 app.add_typer(config_app, name="config")
 
 
-def configure_prefect(root: Path) -> None:
-    """Point Prefect at the run root: embedded database and result records live under it.
+def configure_prefect(root: Path, idle: float) -> None:
+    """Point Prefect at the run root: its database and result records live under it.
 
-    A server that ``ppd ui`` started for this root is used while it answers its health check.
+    Unless ``PREFECT_API_URL`` names a server, the root's own server is used: the one ``ppd ui`` or an
+    earlier command started, else one started now in the background that stops itself after
+    ``idle`` seconds unused (:func:`flows.server.ensure_server`); with that set to 0, a live
+    server is still used and otherwise Prefect's temporary server (:func:`start_embedded_api`).
+    ``idle`` is ``run.server_idle_seconds``.
     Must run before prefect is imported (Prefect reads its settings at import)."""
-    from flows.server import live_api_url
+    from flows import server
 
     home = root / ".prefect"
     (home / "results").mkdir(parents=True, exist_ok=True)
     if not os.environ.get("PREFECT_API_URL"):
         try:
-            url = live_api_url(root)
+            if idle > 0:
+                url, started = server.ensure_server(root, idle)
+                if started:
+                    err.print(
+                        f"Prefect API: started a background server for this root ({url}); it stops after "
+                        f"{idle:g} s unused (run.server_idle_seconds=0: a temporary server per command instead)",
+                        markup=False,
+                        highlight=False,
+                        soft_wrap=True,
+                    )
+            else:
+                url = server.live_api_url(root)
+                if url:
+                    server.register_client(root)
         except PPDError as e:
             _fail(e)
         if url:
@@ -192,7 +211,7 @@ def run(
     except PPDError as e:
         _fail(e)
     root_path = Path(cfg.run.root)
-    configure_prefect(root_path)
+    configure_prefect(root_path, cfg.run.server_idle_seconds)
     start_embedded_api(root_path)
     from flows.pipeline import pipeline_flow  # imports prefect: after configure_prefect
     from flows.runs import reap_dead_runs
@@ -268,7 +287,7 @@ def backfill(
         pipeline.preflight(cfg)
     except PPDError as e:
         _fail(e)
-    configure_prefect(Path(cfg.run.root))
+    configure_prefect(Path(cfg.run.root), cfg.run.server_idle_seconds)
     start_embedded_api(Path(cfg.run.root))
     from flows.backfill import run_backfill  # imports prefect: after configure_prefect
     from flows.runs import reap_dead_runs
@@ -300,7 +319,13 @@ def status(root: RootOpt, as_json: JsonOpt = False) -> None:
         _fail(e)
     if not root.is_dir():
         _fail(PPDError(f"{root}: no such run root"))
-    configure_prefect(root)
+    try:  # the root's recorded config (else the default preset), PPD_* variables included
+        idle = _resolve(None, None, root=root).run.server_idle_seconds
+    except PPDError:  # a record this code no longer reads does not stop a status: the default applies
+        from ppd_core.config import RunConfig
+
+        idle = RunConfig.model_fields["server_idle_seconds"].default
+    configure_prefect(root, idle)
     start_embedded_api(root)
     from flows.status import collect_status  # imports prefect: after configure_prefect
 
@@ -353,6 +378,15 @@ def ui(
         _fail(e)
     if url:
         out.print(f"Prefect dashboard already running: {server.dashboard_url(url)}")
+        idle = (server.recorded_server(root, url) or {}).get("idle_seconds")
+        if idle:
+            out.print(
+                f"(started in the background by an earlier ppd command: it stops after {idle:g} s unused; "
+                f"for one that stays, `ppd ui --stop --root {root}` and then `ppd ui --root {root}`)",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
         return
     try:
         proc, api = server.start_server(root, port)
@@ -388,7 +422,7 @@ def serve(
     except PPDError as e:
         _fail(e)
     root_path = Path(cfg.run.root)
-    configure_prefect(root_path)
+    configure_prefect(root_path, cfg.run.server_idle_seconds)
     started = None
     if not os.environ.get("PREFECT_API_URL"):  # the embedded API has no scheduler
         try:

@@ -65,6 +65,25 @@ class RunConfig(Section):
         0, description="Global seed; stages derive their own seeds from it unless they set one."
     )
     workers: int = volatile(2, "Worker threads/processes for data stages (does not change results).")
+    task_runner: Literal["threads", "dask"] = volatile(
+        "threads",
+        "Where a stage's shards run: threads of the `ppd` process (embed shards; relabel and evaluate keep their "
+        "batches in the process), or dask worker processes, each pinned to its own device, for the embed shards "
+        "(embed.shard_workers at once), relabel scoring chunks and evaluate generation and scoring batches "
+        "(run.workers at once). Install the `dask` extra.",
+    )
+    cluster_address: str | None = volatile(
+        None,
+        "Scheduler address of a running Dask cluster to join (tcp://host:8786) when task_runner is dask; "
+        "None starts a local cluster of the stage's worker count for the stage.",
+    )
+    server_idle_seconds: float = volatile(
+        300.0,
+        "Seconds a root's background Prefect server, started by the first command that needs one, stays up "
+        "unused before stopping itself (0: none is kept; each command starts Prefect's temporary server).",
+        ge=0,
+        allow_inf_nan=False,
+    )
 
 
 class QuirkRates(Section):

@@ -195,7 +195,12 @@ def commit(
     counts: Mapping[str, Any],
     partition: str | None = None,
 ) -> Manifest:
-    """Hash the partial directory's files, write the manifest last, rename into place."""
+    """Hash the partial directory's files, write the manifest last, rename into place. The hidden temporary
+    files of atomic writes (``.<name>.<hex>.tmp``) that a writer killed mid-write left behind (a shard worker
+    that died, its shard since recomputed by another) are removed first: never part of an output."""
+    for leftover in partial.rglob(".*.tmp"):
+        if leftover.is_file():
+            leftover.unlink()
     files = {}
     for rel in _list_files(partial):
         st = (partial / rel).stat()

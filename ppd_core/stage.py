@@ -57,7 +57,8 @@ class Stage:
     - ``run(ctx, out) -> counts``: the body, writing into the partial directory ``out``;
     - ``resumable``: its partial directory survives a crash (its shards or checkpoints complete atomically);
     - ``progress``: what its progress callback counts (None: it reports none);
-    - ``workers(cfg)``: how many shards it runs at once through ``ctx.map_fn`` (None: it does not fan out);
+    - ``workers(cfg)``: how many shards it runs at once through ``ctx.map_fn`` (None, or 0 for a config: no
+      ``map_fn``, the body runs its shards in its own process);
     - ``summarize(counts, directory)``: what a dashboard shows about a result;
     - ``tags``: labels for the orchestrator (e.g. "gpu");
     - ``resolve(cfg) -> (inputs, extra)``: work done once at planning, e.g. listing source files; ``inputs``

@@ -1,7 +1,8 @@
 """Where model weights come from and what identifies them, written once for every model family (the
 backbones, the VLM and open_clip embedders, judges and reward models).
 
-- :func:`resolve_device`: ``auto`` -> the first CUDA device when there is one, else the CPU.
+- :func:`resolve_device`: ``auto`` -> a shard worker's own device, else the first CUDA device when there is
+  one, else the CPU.
 - :func:`local_snapshot`: a local model directory, or the hub cache's snapshot of a hub id; never downloads.
 - :func:`weight_file_sha256` / :func:`files_digest`: content digests of weight files, the ``weights_digest``
   that identities (and so caches and exports) are keyed on.
@@ -24,9 +25,13 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"``: cuda when available, else cpu; anything else as torch reads it (``"cuda:1"``, ``"cpu"``)."""
+    """``"auto"``: the device of this shard worker when it is pinned to one (:mod:`ppd_core.devices`), else
+    cuda when available, else cpu; anything else as torch reads it (``"cuda:1"``, ``"cpu"``)."""
     if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        from ppd_core.devices import pinned_device
+
+        pinned = pinned_device()
+        return torch.device(pinned or ("cuda" if torch.cuda.is_available() else "cpu"))
     return torch.device(device)
 
 

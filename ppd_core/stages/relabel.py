@@ -7,7 +7,7 @@ from pathlib import Path
 from ppd_core.config import PPDConfig, stable_fields
 from ppd_core.data.world_render import world_dir
 from ppd_core.stage import Stage, StageContext, Summary
-from ppd_core.stages.common import world
+from ppd_core.stages.common import shard_workers, world
 
 
 def upstream(cfg: PPDConfig) -> tuple[str, ...]:
@@ -37,6 +37,7 @@ def run(ctx: StageContext, out: Path) -> dict:
         d.get("tiny_models"),
         world_dir(d),
         progress=ctx.progress,
+        map_fn=ctx.map_fn,
     )
 
 
@@ -53,6 +54,7 @@ STAGE = Stage(
     section,
     run,
     progress="scored images",
+    workers=shard_workers,
     summarize=summarize,
     tags=("data",),
     brief=lambda c: f"{len(c['reward_users'])} reward users, {c['rows']:,} relabelled pairs",
