@@ -90,8 +90,10 @@ def pipeline_flow(
 def _ingest_days(config: PPDConfig, dirs: dict[str, str]) -> dict[str, Any]:
     """A partitioned run's first step: plan the window's days, run those missing or failed; a failed day
     stops the run (the days that succeeded stay complete for the next one)."""
+    t0 = time.perf_counter()
     plans = partitions.plan_window(config, {u: Path(d) for u, d in dirs.items()})
     summary = partitions.run_summary(plans, ingest_partitions(config, plans))
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
     if summary["failed"]:
         raise partitions.failed_days(config.run.root, plans, summary["failed"])
     return summary
