@@ -220,7 +220,8 @@ class FewshotConfig(Section):
 
     seed: int = Field(
         0,
-        description="Seed of the per-user shuffles (each user's draw depends only on this seed and the user id).",
+        description="Seed of the order of a user's pairs within each creation day and of the training pairs' "
+        "conditioning sets (each draw depends only on this seed and the pair id).",
     )
     shots: int = Field(4, ge=1, description="Labelled pairs per shot set (paper: K = 4).")
     max_sets_per_user: int = Field(20, ge=1, description="Most disjoint shot sets per user (paper: 20).")

@@ -10,7 +10,10 @@ counts as complete::
 
 A stage's fingerprint covers its config section (without volatile fields), the digests of the
 upstream manifests it reads, its code version, and for ingestion of external files a listing of
-those files (path, size, version token), so new or changed source files re-ingest.
+those files (path, size, version token), so new or changed source files re-ingest. With
+``ingest.partitioned`` the drivers ingest the window's missing or failed days first
+(:mod:`ppd_core.data.partitions`) and the ``ingest`` stage is their union, fingerprinted by the days'
+manifest digests.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Date partitions of ingestion: which days a source holds, one day's ingest under a lock, its status.
 
-A backfill ingests a Pick-a-Pic source one creation day (``created_date=YYYY-MM-DD``, UTC for
+A backfill (and a partitioned run, ``ingest.partitioned``) ingests a Pick-a-Pic source one creation day (``created_date=YYYY-MM-DD``, UTC for
 zoned timestamps) at a time. Each day is an ordinary committed stage directory
 (:func:`ppd_core.manifest.run_stage` with ``partition=``), beside a lock and a status file::
 
@@ -20,8 +20,14 @@ with no output for the current fingerprint and no status is ``missing``. A ``pen
 written atomically and, but for ``pending``, only while holding the lock, so a backfill and a
 scheduled run that reach the same day serialise: the second waits, then finds the output complete.
 
-Downstream stages read every complete day through :func:`complete_partitions` /
-:func:`partition_set`.
+``<root>/partitions/ingest/planned.json`` keeps each day's fingerprint at its latest planning, so
+``ppd status`` (:func:`status_table`) can show a planned day without output as ``missing`` without
+listing the source.
+
+A partitioned run plans its window (:func:`plan_window`), runs the days that are not complete
+(:func:`ingest_window` here, one Prefect task per day in the flows), and its ``ingest`` stage is the
+union of the window's complete days (:func:`union_entries`, :func:`write_partition_union`; the
+format and its readers are :mod:`ppd_core.data.union`).
 """
 
 from __future__ import annotations
