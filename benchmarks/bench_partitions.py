@@ -9,7 +9,9 @@ On the embedded world (its default 30 days), up to the `embed` stage:
    tiny models of the first (copied: both runs start from the same models and data).
 Reported per run: wall time of the command (Prefect's start included), the sum of its stage and partition
 seconds, days ingested, shot sets, and sets embedded (computed) or reused; and whether the two 30-day results
-hold the same shot sets and the same embeddings, bitwise.
+hold the same shot sets and the same embeddings, bitwise; and how the added day's new sets split between
+people and the relabel stage's reward users (whose pairs are resampled from the whole pool, so their sets are
+redrawn when a day is added).
 
 The embedder is `clip-diff` (tiny open_clip): cheap, and a fixed model, so its embeddings of a set are
 reusable. The default `encoder` embedder is trained on the data by the `encoder` stage, so a new day retrains
@@ -29,12 +31,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ppd_core.config import load_config  # noqa: E402
 from ppd_core.data.fewshot import read_fewshot  # noqa: E402
 from ppd_core.embed.extract import read_embeddings  # noqa: E402
+from ppd_core.rewards.relabel import REWARD_USERS_FILE  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "partitions.json"
 PPD = str(Path(sys.executable).with_name("ppd"))
@@ -92,6 +97,28 @@ def same_results(a: dict, b: dict) -> dict:
     return {"same_shot_sets": sets[0].equals(sets[1]), "same_embeddings": emb[0] == emb[1]}
 
 
+def new_sets_by_kind(before: dict, after: dict) -> dict:
+    """The sets the added day formed, for people and for the relabel stage's reward users (which resample
+    their pairs from the whole pool, so their sets are redrawn when a day is added)."""
+    reward_users = set(
+        pq.read_table(Path(after["dirs"]["relabel"]) / REWARD_USERS_FILE, columns=["user_id"])[
+            "user_id"
+        ].to_pylist()
+    )
+    before_sets = read_fewshot(before["dirs"]["fewshot"], "shot_sets").to_pylist()
+    new = read_fewshot(after["dirs"]["fewshot"], "shot_sets").to_pylist()
+    old, now = {s["shot_set_id"] for s in before_sets}, {s["shot_set_id"] for s in new}
+    fresh = [s for s in new if s["shot_set_id"] not in old]
+    people_before = {s["shot_set_id"] for s in before_sets if s["user_id"] not in reward_users}
+    return {
+        "new_sets_people": sum(s["user_id"] not in reward_users for s in fresh),
+        "new_sets_reward_users": sum(s["user_id"] in reward_users for s in fresh),
+        "people_sets_before": len(people_before),
+        "people_sets_kept": len(people_before & now),
+        "reward_user_sets_gone": len(old - now - people_before),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--set", dest="sets", action="append", default=[], help="config override, repeatable")
@@ -110,6 +137,7 @@ def main() -> None:
             shutil.copytree(part / stage, full / stage)
         rerun = timed_run(full, extra)
         check = same_results(add_one, rerun)
+        add_one["new_sets"] = new_sets_by_kind(setup, add_one)
     for r in (setup, add_one, rerun):
         r.pop("dirs")
     result = {
