@@ -2,8 +2,10 @@
 
 Spellings are a contract used by scripts and schedules::
 
-    ppd run [--config FILE] [--root DIR] [--source PATH_OR_URL] [--stages a,b,...] [--set key=value]... [--json]
-    ppd backfill [--config FILE] --root DIR --source PATH_OR_URL --start YYYY-MM-DD --end YYYY-MM-DD [--force] [--json]
+    ppd run [--config FILE] [--root DIR] [--source PATH_OR_URL] [--stages a,b,...]
+            [--partitioned [--start YYYY-MM-DD] [--end YYYY-MM-DD]] [--set key=value]... [--json]
+    ppd backfill [--config FILE] --root DIR --source PATH_OR_URL --start YYYY-MM-DD --end YYYY-MM-DD
+                 [--force] [--stages a,b,...] [--json]
     ppd status --root DIR [--json]
     ppd ui --root DIR [--port 4200] [--background | --stop]
     ppd serve [--config FILE] [--root DIR] [--set key=value]...
@@ -122,12 +124,11 @@ def _print_report(report: list[dict], root: str) -> None:
     for col in ("stage", "state", "seconds", "result"):
         table.add_column(col, overflow="fold")
     for r in report:
-        table.add_row(
-            r["name"],
-            "cached" if r["cached"] else "computed",
-            f"{r['seconds']:.1f}",
-            pipeline.stage(r["name"]).describe(r["counts"]),
-        )
+        result = pipeline.stage(r["name"]).describe(r["counts"])
+        if r.get("partitions"):
+            days = r["partitions"]
+            result = f"{len(days['computed'])} of {days['days']} days ingested now; {result}"
+        table.add_row(r["name"], "cached" if r["cached"] else "computed", f"{r['seconds']:.1f}", result)
     out.print(table)
     out.print(
         f"Outputs are under {root} (each stage: <root>/<stage>/<fingerprint>/manifest.json).",
@@ -186,6 +187,26 @@ def run(
             show_default=False,
         ),
     ] = None,
+    partitioned: Annotated[
+        bool,
+        typer.Option(
+            "--partitioned",
+            help="Ingest one creation day at a time (only days missing or failed, the partitions of ppd backfill) "
+            "and run the later stages over the union of the complete days.",
+        ),
+    ] = False,
+    start: Annotated[
+        str | None,
+        typer.Option(
+            "--start", help="With --partitioned: first creation day, YYYY-MM-DD.", show_default=False
+        ),
+    ] = None,
+    end: Annotated[
+        str | None,
+        typer.Option(
+            "--end", help="With --partitioned: last creation day (inclusive), YYYY-MM-DD.", show_default=False
+        ),
+    ] = None,
     set_: SetOpt = None,
     as_json: Annotated[
         bool,
@@ -201,6 +222,7 @@ def run(
     if source is not None:
         extra.append(f"ingest.source={json.dumps(source)}")
     try:
+        extra += _window_overrides(partitioned, start, end)
         cfg = _absolute_root(_resolve(config, set_, extra))
         from ppd_core import pipeline
 
@@ -228,6 +250,25 @@ def run(
         sys.stdout.write(json.dumps({"root": str(root_path), "stages": report}, default=str) + "\n")
     else:
         _print_report(report, str(root_path))
+
+
+def _window_overrides(partitioned: bool, start: str | None, end: str | None) -> list[str]:
+    """``--partitioned --start --end`` as config overrides; a date or a range mistake is a one-line error."""
+    from ppd_core.data.partitions import parse_day
+
+    if not partitioned:
+        if start is not None or end is not None:
+            raise PPDError("--start and --end choose the days of a partitioned run: add --partitioned")
+        return []
+    days = {name: parse_day(value, name) for name, value in (("--start", start), ("--end", end)) if value}
+    if len(days) == 2 and days["--start"] > days["--end"]:
+        raise PPDError(f"--start {start} is after --end {end}")
+    overrides = ["ingest.partitioned=true"]
+    if start:
+        overrides.append(f"ingest.start={json.dumps(start)}")
+    if end:
+        overrides.append(f"ingest.end={json.dumps(end)}")
+    return overrides
 
 
 RootOpt = Annotated[
@@ -271,20 +312,31 @@ def backfill(
             "--lock-timeout", help="Seconds to wait for a day another process holds (default: wait)."
         ),
     ] = None,
+    stages: Annotated[
+        str | None,
+        typer.Option(
+            "--stages",
+            help="Then run these stages (comma-separated, upstream added) over the union of the range's days, "
+            "as ppd run --partitioned --start --end does.",
+            show_default=False,
+        ),
+    ] = None,
     set_: SetOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Ingest the source one creation day at a time: only days missing or failed, unless --force."""
-    from ppd_core.data.partitions import parse_day
-
     extra = [f"run.root={root.expanduser().resolve()}", f"ingest.source={json.dumps(source)}"]
     try:
+        extra += _window_overrides(True, start, end)
         cfg = _absolute_root(_resolve(config, set_, extra, root=root.expanduser().resolve()))
-        if parse_day(start, "--start") > parse_day(end, "--end"):
-            raise PPDError(f"--start {start} is after --end {end}")
         from ppd_core import pipeline
 
+        stage_list = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
+        if stage_list:
+            pipeline.expand(stage_list, cfg)  # validate names before starting Prefect
         pipeline.preflight(cfg)
+        if stage_list:
+            record_run_config(cfg)  # the downstream outputs are this config's (ppd generate finds them)
     except PPDError as e:
         _fail(e)
     configure_prefect(Path(cfg.run.root), cfg.run.server_idle_seconds)
@@ -296,6 +348,11 @@ def backfill(
 
     try:
         report = run_backfill(cfg, start, end, force=force, lock_timeout=lock_timeout)
+        if report["ok"] and stage_list:
+            from flows.pipeline import pipeline_flow
+
+            quiet_handlers()
+            report["stages"] = pipeline_flow(cfg, stage_list)
     except PPDError as e:
         _fail(e)
     if as_json:
@@ -304,6 +361,8 @@ def backfill(
         _print_rows(f"ppd backfill {start}..{end}", report["partitions"], ("submitted", *PARTITION_COLUMNS))
         if not report["partitions"]:
             out.print(f"{source} has no rows created between {start} and {end}.")
+        if report.get("stages"):
+            _print_report(report["stages"], cfg.run.root)
     if not report["ok"]:
         raise typer.Exit(1)
 

@@ -202,6 +202,36 @@ class IngestConfig(Section):
     batch_rows: int = volatile(256, "Rows read per Arrow batch while streaming (bounds memory).", gt=0)
     shard_max_images: int = volatile(5000, "Images per webdataset tar shard.", gt=0)
     pairs_rows_per_file: int = volatile(200_000, "Rows per Parquet file inside a date partition.", gt=0)
+    partitioned: bool = Field(
+        False,
+        description="Ingest one creation day at a time into <root>/partitions/ingest (only days missing or failed) "
+        "and give the later stages the union of the complete days (`ppd run --partitioned`).",
+    )
+    start: str | None = Field(
+        None,
+        pattern=r"^\d{4}-\d{2}-\d{2}$",
+        description="Partitioned ingest only: first creation day (YYYY-MM-DD) of the union; None: the source's first.",
+    )
+    end: str | None = Field(
+        None,
+        pattern=r"^\d{4}-\d{2}-\d{2}$",
+        description="Partitioned ingest only: last creation day (inclusive); None: the source's last.",
+    )
+
+    @model_validator(mode="after")
+    def _check_window(self) -> IngestConfig:
+        for name in ("start", "end"):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    dt.date.fromisoformat(value)
+                except ValueError:
+                    raise ValueError(f"{name} {value!r} is not a date in the form YYYY-MM-DD") from None
+        if (self.start or self.end) and not self.partitioned:
+            raise ValueError("start and end choose the days of a partitioned ingest: set partitioned too")
+        if self.start and self.end and self.start > self.end:
+            raise ValueError(f"start {self.start} is after end {self.end}")
+        return self
 
 
 class FewshotConfig(Section):
@@ -209,7 +239,8 @@ class FewshotConfig(Section):
 
     seed: int = Field(
         0,
-        description="Seed of the per-user shuffles (each user's draw depends only on this seed and the user id).",
+        description="Seed of the order of a user's pairs within each creation day and of the training pairs' "
+        "conditioning sets (each draw depends only on this seed and the pair id).",
     )
     shots: int = Field(4, ge=1, description="Labelled pairs per shot set (paper: K = 4).")
     max_sets_per_user: int = Field(20, ge=1, description="Most disjoint shot sets per user (paper: 20).")

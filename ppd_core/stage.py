@@ -61,8 +61,9 @@ class Stage:
       ``map_fn``, the body runs its shards in its own process);
     - ``summarize(counts, directory)``: what a dashboard shows about a result;
     - ``tags``: labels for the orchestrator (e.g. "gpu");
-    - ``resolve(cfg) -> (inputs, extra)``: work done once at planning, e.g. listing source files; ``inputs``
-      reach the body as ``ctx.inputs`` and ``extra`` joins the fingerprint (new or changed files re-run it);
+    - ``resolve(cfg, dirs) -> (inputs, extra)``: work done once at planning, given the upstream output
+      directories, e.g. listing source files; ``inputs`` reach the body as ``ctx.inputs`` and ``extra``
+      joins the fingerprint (new or changed files re-run it);
     - ``brief(counts)``: the one count that matters, in words, for the console.
     """
 
@@ -76,7 +77,7 @@ class Stage:
     workers: Callable[[PPDConfig], int] | None = None
     summarize: Callable[[dict, Path], list[Summary]] | None = None
     tags: tuple[str, ...] = ()
-    resolve: Callable[[PPDConfig], tuple[dict, dict]] | None = None
+    resolve: Callable[[PPDConfig, Mapping[str, Path]], tuple[dict, dict]] | None = None
     brief: Callable[[dict], str] | None = None
 
     def describe(self, counts: dict) -> str:

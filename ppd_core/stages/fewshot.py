@@ -17,7 +17,7 @@ def run(ctx: StageContext, out: Path) -> dict:
 
 STAGE = Stage(
     "fewshot",
-    "2",
+    "3",
     lambda cfg: ("ingest", "relabel"),
     lambda cfg: cfg.fewshot,
     run,
