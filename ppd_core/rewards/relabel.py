@@ -90,17 +90,6 @@ def read_reward_users(relabel_dir: str | Path) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------- scoring
 
 
-def _score(reward, store, uids: Sequence[str], prompts: Sequence[str]) -> np.ndarray:
-    """Scores (N,) of the stored images ``uids``: decoded ``SCORE_CHUNK`` at a time (memory stays flat whatever
-    ``rows_per_reward`` is), one batched call per image shape within a chunk (real images vary in size)."""
-    out = np.empty(len(uids), dtype=np.float64)
-    for start in range(0, len(uids), SCORE_CHUNK):
-        out[start : start + SCORE_CHUNK] = _score_chunk(
-            reward, store, uids[start : start + SCORE_CHUNK], prompts[start : start + SCORE_CHUNK]
-        )
-    return out
-
-
 def _score_chunk(reward, store, uids: Sequence[str], prompts: Sequence[str]) -> np.ndarray:
     """Scores of one chunk (at most ``SCORE_CHUNK`` images), one batched call per image shape."""
     images = [np.asarray(store.get_pil(u).convert("RGB")) for u in uids]
