@@ -169,3 +169,41 @@ def test_local_dask_workers_are_pinned_one_device_each(prefect_server):
     assert len(results) == 8 and set(by_worker) == {"0", "1"}
     assert {name: device for name, (device, _) in by_worker.items()} == {"0": "cuda:0", "1": "cuda:1"}
     assert len({pid for _, (_, pid) in by_worker.items()}) == 2  # two processes
+
+
+EVALUATE_TABLES = (
+    "requests",
+    "images",
+    "rewards",
+    "comparisons",
+    "win_rates",
+    "judge_agreement",
+    "interpolation",
+)
+
+
+@pytest.mark.slow  # ~6 min on 2 cores: a small run through evaluate, then evaluate again over 2 dask workers
+def test_dask_workers_compute_the_thread_runners_evaluation(pipeline_flow, tmp_path):
+    """Evaluate's generation and scoring batches mapped over worker processes give the thread runner's tables."""
+    import pyarrow.parquet as pq
+
+    from tests.evaluate.conftest import SMALL_RUN
+
+    root = tmp_path / "run"
+
+    def cfg(runner: str):
+        return load_config(None, [f"run.root={root}", f"run.task_runner={runner}", *SMALL_RUN], environ={})
+
+    def evaluate(report: list[dict]) -> dict:
+        return next(s for s in report if s["name"] == "evaluate")
+
+    threads = evaluate(pipeline_flow(cfg("threads"), ["evaluate"]))
+    out = threads["output_dir"]
+    expected = {name: pq.read_table(f"{out}/{name}.parquet") for name in EVALUATE_TABLES}
+    assert expected["images"].num_rows > 4  # several generation batches
+    shutil.rmtree(out)  # the same fingerprint (volatile keys): recomputed, nothing reused
+
+    dask = evaluate(pipeline_flow(cfg("dask"), ["evaluate"]))
+    assert dask["output_dir"] == out and not dask["cached"]
+    for name, table in expected.items():
+        assert pq.read_table(f"{out}/{name}.parquet").equals(table), name
