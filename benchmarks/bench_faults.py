@@ -239,6 +239,38 @@ def tensorboard_history(directory: Path) -> tuple[list[str], list[tuple[str, int
     return [f.name for f in files], history
 
 
+def _arrays_equal(a, b) -> bool:
+    """Whether two Arrow arrays hold the same values, NaN equal to NaN in the same place (pyarrow's own
+    ``equals`` takes NaN as unequal to itself, so a table with a NaN cell never equals even itself)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if a.type != b.type or len(a) != len(b) or not a.is_null().equals(b.is_null()):
+        return False
+    kind = a.type
+    if pa.types.is_floating(kind):  # same nulls, so their NaN stand-ins line up
+        return np.array_equal(
+            a.to_numpy(zero_copy_only=False), b.to_numpy(zero_copy_only=False), equal_nan=True
+        )
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        return pc.list_value_length(a).equals(pc.list_value_length(b)) and _arrays_equal(
+            a.flatten(), b.flatten()
+        )
+    if pa.types.is_struct(kind):
+        return all(_arrays_equal(x, y) for x, y in zip(a.flatten(), b.flatten(), strict=True))
+    return a.equals(b)
+
+
+def tables_equal(a, b) -> bool:
+    """Whether two Arrow tables have the same schema and the same rows, NaN cells included: an undefined
+    statistic (a win rate without consistent comparisons, an agreement without labels) is NaN by design."""
+    return a.schema == b.schema and all(
+        _arrays_equal(a.column(i).combine_chunks(), b.column(i).combine_chunks())
+        for i in range(a.num_columns)
+    )
+
+
 def compare_outputs(reference: Path, output: Path) -> list[str]:
     """Differences of ``output`` from ``reference`` (two committed outputs of one stage and fingerprint)
     that break the contract: bitwise files (weights, embeddings, image shards), Parquet tables row for row,
@@ -266,7 +298,7 @@ def compare_outputs(reference: Path, output: Path) -> list[str]:
                 problems.append(f"{rel}: not bitwise identical")
         elif rel.endswith(".parquet"):
             ta, tb = pq.read_table(a), pq.read_table(b)
-            if ta.schema != tb.schema or not ta.equals(tb):
+            if not tables_equal(ta, tb):
                 problems.append(f"{rel}: table differs ({ta.num_rows} vs {tb.num_rows} rows)")
         elif rel in ("metrics.jsonl", "validation.jsonl"):
             steps, ref_steps = jsonl_steps(b), jsonl_steps(a)

@@ -203,3 +203,51 @@ def test_generation_and_scoring_shards_over_worker_processes_equal_the_serial_lo
     assert set(scores) == set(expected_scores)
     for key, values in expected_scores.items():
         assert scores[key].tobytes() == values.tobytes(), key
+
+
+EVALUATE_ON = """
+import sys
+from ppd_core import pipeline
+from tests.evaluate.conftest import small_config
+
+print(pipeline.run_stages(small_config(sys.argv[1]), ["evaluate"])["evaluate"].directory)
+"""
+
+
+def test_another_process_computes_identical_tables_from_the_same_inputs(small_run, tmp_path):
+    """Evaluate in a second process with another string-hash seed, on the very same upstream outputs (linked
+    into a new root): every table equals this process's, row for row with NaN cells in the same places (an
+    undefined statistic, e.g. the win rate of a judge without consistent comparisons), and so does every
+    number of the summary."""
+    import os
+    import sys
+    from pathlib import Path
+
+    from benchmarks.bench_faults import compare_outputs
+
+    _, outcomes = small_run
+    reference = outcomes["evaluate"].directory
+    root = tmp_path / "root"
+    for stage, outcome in outcomes.items():
+        if stage != "evaluate":
+            (root / stage).mkdir(parents=True)
+            (root / stage / outcome.directory.name).symlink_to(outcome.directory)
+    repo = Path(__file__).resolve().parents[2]
+    mine = os.environ.get("PYTHONHASHSEED")  # unset: this process's seed is random
+    env = {
+        **os.environ,
+        "PYTHONHASHSEED": "2" if mine == "1" else "1",
+        "PYTHONPATH": os.pathsep.join([str(repo), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", EVALUATE_ON, str(root)],
+        capture_output=True, text=True, cwd=repo, env=env, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    output = Path(proc.stdout.strip().splitlines()[-1])
+    assert output == root / "evaluate" / reference.name  # computed anew here, under the same fingerprint
+    assert compare_outputs(reference, output) == []
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (reference, output)]
+    for summary in summaries:
+        summary.pop("created_at")
+    assert json.dumps(summaries[0], sort_keys=True) == json.dumps(summaries[1], sort_keys=True)

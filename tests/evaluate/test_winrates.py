@@ -238,3 +238,22 @@ def test_monotonicity_samples_must_pair_with_the_alphas():
         monotonicity([0.0, 1.0], [0.0, 1.0], samples=np.zeros((3, 4)))
     out = monotonicity([0.0, 1.0], [0.0, 1.0], samples=np.array([[0.0, 0.0], [1.0, 1.0]]))
     assert out["monotone_within_noise"] is True  # identical samples: an exact rise, zero noise
+
+
+def test_tables_with_undefined_statistics_compare_equal_to_their_recomputation():
+    """A judge with only inconsistent comparisons has an undefined (NaN) win rate: the same comparisons give
+    the same table, NaN cells in the same places, for the output comparison of the fault benchmark (pyarrow's
+    ``Table.equals`` takes NaN as unequal to itself); a changed or moved value still differs."""
+    from benchmarks.bench_faults import tables_equal
+
+    table = comparisons([(0, -1), (1, -1), (2, -1)])
+    first = win_rates(table, n_boot=20)
+    assert math.isnan(only_row(first)["win_rate"]) and not first.equals(first)
+    assert tables_equal(first, win_rates(table, n_boot=20))
+    other = win_rates(comparisons([(0, -1), (1, -1), (2, 1)]), n_boot=20)  # now 1/1 consistent wins
+    assert not tables_equal(first, other)
+    nulled = first.set_column(
+        first.schema.get_field_index("win_rate"), "win_rate", pa.array([None], pa.float64())
+    )
+    assert not tables_equal(first, nulled)  # NaN (undefined) is not null (missing)
+    assert not tables_equal(first, first.rename_columns([*first.column_names[:-1], "renamed"]))
