@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	# deepspeed's build imports the installed torch, so no build isolation
 	$(BIN)/pip install -q --no-build-isolation -c requirements/constraints.txt deepspeed==0.19.8
-	$(BIN)/pip install -q -c requirements/constraints.txt -e ".[dev]"
+	$(BIN)/pip install -q -c requirements/constraints.txt -e ".[dev,dask]"
 	# DeepSpeed's CPU shared-memory comm op is a JIT g++ build (28 s, 1.6 GiB peak for the compiler): do it at install time, not in the
 	# middle of the first training stage (where it raised the first demo's peak memory from 4.4 to 6.7 GiB)
 	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
@@ -49,6 +49,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_pipeline.py
 	$(BIN)/python benchmarks/bench_cli.py
 	$(BIN)/python benchmarks/bench_partitions.py
+	$(BIN)/python benchmarks/bench_dask_embed.py
 	# kill -9 at seeded moments within ingest, embed, train and evaluate, then rerun; two runs on one root (small settings)
 	$(BIN)/python benchmarks/bench_faults.py
 	# new-user quality on world seeds 0, 1, 2 (the whole pipeline three times: about 50 minutes on 2 cores)

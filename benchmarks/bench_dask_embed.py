@@ -86,7 +86,12 @@ def main() -> None:
     result = {
         "benchmark": "dask_embed",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "devices": visible_devices()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "devices": visible_devices(),
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        },
         "setup": {
             "embedder": "tiny VLM, generate read-out (64 new tokens)",
             "users": args.users,
