@@ -62,7 +62,10 @@ class Stage:
     - ``tags``: labels for the orchestrator (e.g. "gpu");
     - ``resolve(cfg) -> (inputs, extra)``: work done once at planning, e.g. listing source files; ``inputs``
       reach the body as ``ctx.inputs`` and ``extra`` joins the fingerprint (new or changed files re-run it);
-    - ``brief(counts)``: the one count that matters, in words, for the console.
+    - ``brief(counts)``: the one count that matters, in words, for the console;
+    - ``joint(names, contexts, outs) -> [counts]``: builds several due stages sharing this body in one go
+      (e.g. the train stages in one launch), each into its own partial directory, with the same results as
+      ``run`` on each; :func:`ppd_core.pipeline.execute_joint` uses it.
     """
 
     name: str
@@ -77,6 +80,7 @@ class Stage:
     tags: tuple[str, ...] = ()
     resolve: Callable[[PPDConfig], tuple[dict, dict]] | None = None
     brief: Callable[[dict], str] | None = None
+    joint: Callable[[Sequence[str], Sequence[StageContext], Sequence[Path]], list[dict]] | None = None
 
     def describe(self, counts: dict) -> str:
         """The one line a person reads about a result (``brief``); empty when the counts lack its keys."""
