@@ -47,6 +47,10 @@ bench: setup
 	$(BIN)/python benchmarks/bench_embed.py
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_pipeline.py
+	$(BIN)/python benchmarks/bench_cli.py
+	$(BIN)/python benchmarks/bench_partitions.py
+	# kill -9 at seeded moments within ingest, embed, train and evaluate, then rerun; two runs on one root (small settings)
+	$(BIN)/python benchmarks/bench_faults.py
 	# new-user quality on world seeds 0, 1, 2 (the whole pipeline three times: about 50 minutes on 2 cores)
 	$(BIN)/python benchmarks/bench_quality.py
 

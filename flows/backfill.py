@@ -2,9 +2,11 @@
 
 Planning (which days the source holds, each day's fingerprint and idempotency key) and the
 per-day work, lock and status are :mod:`ppd_core.data.partitions`; this flow submits one
-``ingest_partition`` task per day that is missing or failed (every day with ``force``), waits, and
+``ingest_partition`` task per day that is missing or failed (every day with ``force``) through
+:func:`tasks.partition.ingest_partitions`, the same step a partitioned ``ppd run`` takes, waits, and
 publishes the partition table as an artifact. A day another process is writing is submitted too:
-its task waits on the day's lock and then reuses the finished output.
+its task waits on the day's lock and then reuses the finished output. ``ppd backfill --stages``
+then runs the pipeline flow over the union of the range's days (``ingest.partitioned``).
 """
 
 from __future__ import annotations
@@ -13,19 +15,17 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.runs import record_flow_process
 from ppd_core.config import PPDConfig
 from ppd_core.data import partitions
 from ppd_core.errors import PPDError
-from ppd_core.manifest import is_complete
-from tasks.partition import ingest_partition_task
+from tasks.partition import ingest_partitions
 
 TABLE_COLUMNS = ("partition", "state", "submitted", "rows", "quarantined", "seconds", "error")
 
 
-@flow(name="ppd-backfill", validate_parameters=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
+@flow(name="ppd-backfill", validate_parameters=True)
 def backfill_flow(
     config: PPDConfig, start: str, end: str, force: bool = False, lock_timeout: float | None = None
 ) -> list[dict[str, Any]]:
@@ -36,19 +36,11 @@ def backfill_flow(
     plans = partitions.plan_partitions(
         config, partitions.parse_day(start, "start"), partitions.parse_day(end, "end")
     )
-    before = partitions.partition_table(root, plans)
-    todo = [p for p, row in zip(plans, before, strict=True) if force or row["state"] != "completed"]
-    logger.info("%d day(s) with rows in %s..%s; %d to run", len(plans), start, end, len(todo))
-    for plan in todo:
-        partitions.mark_pending(root, plan)
-    futures = {
-        plan.day: ingest_partition_task.with_options(
-            refresh_cache=force or not is_complete(plan.directory)
-        ).submit(config, plan.day, plan.fingerprint, list(plan.files), force, lock_timeout)
-        for plan in todo
-    }
-    failed = [day for day, future in futures.items() if _failed(future)]
-    rows = [{**row, "submitted": row["day"] in futures} for row in partitions.partition_table(root, plans)]
+    partitions.record_plans(root, plans)
+    done = ingest_partitions(config, plans, force, lock_timeout)
+    logger.info("%d day(s) with rows in %s..%s; %d run", len(plans), start, end, len(done))
+    failed = [day for day, status in done.items() if status is None]
+    rows = [{**row, "submitted": row["day"] in done} for row in partitions.partition_table(root, plans)]
     if rows:
         create_table_artifact(
             [{k: _cell(r.get(k)) for k in TABLE_COLUMNS} for r in rows],
@@ -60,11 +52,6 @@ def backfill_flow(
     return rows
 
 
-def _failed(future) -> bool:
-    future.wait()
-    return future.state.is_failed() or future.state.is_crashed()
-
-
 def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
@@ -73,10 +60,7 @@ def run_backfill(
     config: PPDConfig, start: str, end: str, force: bool = False, lock_timeout: float | None = None
 ) -> dict[str, Any]:
     """Run the flow; returns ``{flow_run_id, ok, partitions}``. A user error raises PPDError."""
-    runner = ThreadPoolTaskRunner(max_workers=max(1, config.run.workers))
-    state = backfill_flow.with_options(task_runner=runner)(
-        config, start, end, force, lock_timeout, return_state=True
-    )
+    state = backfill_flow(config, start, end, force, lock_timeout, return_state=True)
     result = state.result(raise_on_failure=False)
     if isinstance(result, partitions.PartitionsFailed):
         rows = result.rows

@@ -2,16 +2,20 @@
 
 Spellings are a contract used by scripts and schedules::
 
-    ppd run [--config FILE] [--root DIR] [--source PATH_OR_URL] [--stages a,b,...] [--set key=value]... [--json]
-    ppd backfill [--config FILE] --root DIR --source PATH_OR_URL --start YYYY-MM-DD --end YYYY-MM-DD [--force] [--json]
+    ppd run [--config FILE] [--root DIR] [--source PATH_OR_URL] [--stages a,b,...]
+            [--partitioned [--start YYYY-MM-DD] [--end YYYY-MM-DD]] [--set key=value]... [--json]
+    ppd backfill [--config FILE] --root DIR --source PATH_OR_URL --start YYYY-MM-DD --end YYYY-MM-DD
+                 [--force] [--stages a,b,...] [--json]
     ppd status --root DIR [--json]
     ppd ui --root DIR [--port 4200] [--background | --stop]
     ppd serve [--config FILE] [--root DIR] [--set key=value]...
     ppd config show [--config FILE] [--set key=value]...
 
-Prefect runs in its embedded mode (a temporary local API, no server to start) with its database and
-result records under ``<root>/.prefect``, unless ``PREFECT_API_URL`` points at a server or a server
-started by ``ppd ui`` for that root answers (its URL is kept in ``<root>/.prefect/api_url``).
+Prefect's database and result records live under ``<root>/.prefect``. Unless ``PREFECT_API_URL`` points at
+a server, commands use the root's local server: the one ``ppd ui`` started, or one the first command started
+in the background, which stops itself after ``run.server_idle_seconds`` (default 300) unused. Its URL is
+kept in ``<root>/.prefect/api_url`` (see :mod:`flows.server`); ``run.server_idle_seconds=0`` runs each
+command on Prefect's temporary server instead (about 10 s per command).
 """
 
 from __future__ import annotations
@@ -41,18 +45,35 @@ config_app = typer.Typer(help="Inspect the resolved configuration.", no_args_is_
 app.add_typer(config_app, name="config")
 
 
-def configure_prefect(root: Path) -> None:
-    """Point Prefect at the run root: embedded database and result records live under it.
+def configure_prefect(root: Path, idle: float) -> None:
+    """Point Prefect at the run root: its database and result records live under it.
 
-    A server that ``ppd ui`` started for this root is used while it answers its health check.
+    Unless ``PREFECT_API_URL`` names a server, the root's own server is used: the one ``ppd ui`` or an
+    earlier command started, else one started now in the background that stops itself after
+    ``idle`` seconds unused (:func:`flows.server.ensure_server`); with that set to 0, a live
+    server is still used and otherwise Prefect's temporary server (:func:`start_embedded_api`).
+    ``idle`` is ``run.server_idle_seconds``.
     Must run before prefect is imported (Prefect reads its settings at import)."""
-    from flows.server import live_api_url
+    from flows import server
 
     home = root / ".prefect"
     (home / "results").mkdir(parents=True, exist_ok=True)
     if not os.environ.get("PREFECT_API_URL"):
         try:
-            url = live_api_url(root)
+            if idle > 0:
+                url, started = server.ensure_server(root, idle)
+                if started:
+                    err.print(
+                        f"Prefect API: started a background server for this root ({url}); it stops after "
+                        f"{idle:g} s unused (run.server_idle_seconds=0: a temporary server per command instead)",
+                        markup=False,
+                        highlight=False,
+                        soft_wrap=True,
+                    )
+            else:
+                url = server.live_api_url(root)
+                if url:
+                    server.register_client(root)
         except PPDError as e:
             _fail(e)
         if url:
@@ -103,12 +124,11 @@ def _print_report(report: list[dict], root: str) -> None:
     for col in ("stage", "state", "seconds", "result"):
         table.add_column(col, overflow="fold")
     for r in report:
-        table.add_row(
-            r["name"],
-            "cached" if r["cached"] else "computed",
-            f"{r['seconds']:.1f}",
-            pipeline.stage(r["name"]).describe(r["counts"]),
-        )
+        result = pipeline.stage(r["name"]).describe(r["counts"])
+        if r.get("partitions"):
+            days = r["partitions"]
+            result = f"{len(days['computed'])} of {days['days']} days ingested now; {result}"
+        table.add_row(r["name"], "cached" if r["cached"] else "computed", f"{r['seconds']:.1f}", result)
     out.print(table)
     out.print(
         f"Outputs are under {root} (each stage: <root>/<stage>/<fingerprint>/manifest.json).",
@@ -167,6 +187,26 @@ def run(
             show_default=False,
         ),
     ] = None,
+    partitioned: Annotated[
+        bool,
+        typer.Option(
+            "--partitioned",
+            help="Ingest one creation day at a time (only days missing or failed, the partitions of ppd backfill) "
+            "and run the later stages over the union of the complete days.",
+        ),
+    ] = False,
+    start: Annotated[
+        str | None,
+        typer.Option(
+            "--start", help="With --partitioned: first creation day, YYYY-MM-DD.", show_default=False
+        ),
+    ] = None,
+    end: Annotated[
+        str | None,
+        typer.Option(
+            "--end", help="With --partitioned: last creation day (inclusive), YYYY-MM-DD.", show_default=False
+        ),
+    ] = None,
     set_: SetOpt = None,
     as_json: Annotated[
         bool,
@@ -182,6 +222,7 @@ def run(
     if source is not None:
         extra.append(f"ingest.source={json.dumps(source)}")
     try:
+        extra += _window_overrides(partitioned, start, end)
         cfg = _absolute_root(_resolve(config, set_, extra))
         from ppd_core import pipeline
 
@@ -192,7 +233,7 @@ def run(
     except PPDError as e:
         _fail(e)
     root_path = Path(cfg.run.root)
-    configure_prefect(root_path)
+    configure_prefect(root_path, cfg.run.server_idle_seconds)
     start_embedded_api(root_path)
     from flows.pipeline import pipeline_flow  # imports prefect: after configure_prefect
     from flows.runs import reap_dead_runs
@@ -209,6 +250,25 @@ def run(
         sys.stdout.write(json.dumps({"root": str(root_path), "stages": report}, default=str) + "\n")
     else:
         _print_report(report, str(root_path))
+
+
+def _window_overrides(partitioned: bool, start: str | None, end: str | None) -> list[str]:
+    """``--partitioned --start --end`` as config overrides; a date or a range mistake is a one-line error."""
+    from ppd_core.data.partitions import parse_day
+
+    if not partitioned:
+        if start is not None or end is not None:
+            raise PPDError("--start and --end choose the days of a partitioned run: add --partitioned")
+        return []
+    days = {name: parse_day(value, name) for name, value in (("--start", start), ("--end", end)) if value}
+    if len(days) == 2 and days["--start"] > days["--end"]:
+        raise PPDError(f"--start {start} is after --end {end}")
+    overrides = ["ingest.partitioned=true"]
+    if start:
+        overrides.append(f"ingest.start={json.dumps(start)}")
+    if end:
+        overrides.append(f"ingest.end={json.dumps(end)}")
+    return overrides
 
 
 RootOpt = Annotated[
@@ -252,23 +312,34 @@ def backfill(
             "--lock-timeout", help="Seconds to wait for a day another process holds (default: wait)."
         ),
     ] = None,
+    stages: Annotated[
+        str | None,
+        typer.Option(
+            "--stages",
+            help="Then run these stages (comma-separated, upstream added) over the union of the range's days, "
+            "as ppd run --partitioned --start --end does.",
+            show_default=False,
+        ),
+    ] = None,
     set_: SetOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Ingest the source one creation day at a time: only days missing or failed, unless --force."""
-    from ppd_core.data.partitions import parse_day
-
     extra = [f"run.root={root.expanduser().resolve()}", f"ingest.source={json.dumps(source)}"]
     try:
+        extra += _window_overrides(True, start, end)
         cfg = _absolute_root(_resolve(config, set_, extra, root=root.expanduser().resolve()))
-        if parse_day(start, "--start") > parse_day(end, "--end"):
-            raise PPDError(f"--start {start} is after --end {end}")
         from ppd_core import pipeline
 
+        stage_list = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
+        if stage_list:
+            pipeline.expand(stage_list, cfg)  # validate names before starting Prefect
         pipeline.preflight(cfg)
+        if stage_list:
+            record_run_config(cfg)  # the downstream outputs are this config's (ppd generate finds them)
     except PPDError as e:
         _fail(e)
-    configure_prefect(Path(cfg.run.root))
+    configure_prefect(Path(cfg.run.root), cfg.run.server_idle_seconds)
     start_embedded_api(Path(cfg.run.root))
     from flows.backfill import run_backfill  # imports prefect: after configure_prefect
     from flows.runs import reap_dead_runs
@@ -277,6 +348,11 @@ def backfill(
 
     try:
         report = run_backfill(cfg, start, end, force=force, lock_timeout=lock_timeout)
+        if report["ok"] and stage_list:
+            from flows.pipeline import pipeline_flow
+
+            quiet_handlers()
+            report["stages"] = pipeline_flow(cfg, stage_list)
     except PPDError as e:
         _fail(e)
     if as_json:
@@ -285,6 +361,8 @@ def backfill(
         _print_rows(f"ppd backfill {start}..{end}", report["partitions"], ("submitted", *PARTITION_COLUMNS))
         if not report["partitions"]:
             out.print(f"{source} has no rows created between {start} and {end}.")
+        if report.get("stages"):
+            _print_report(report["stages"], cfg.run.root)
     if not report["ok"]:
         raise typer.Exit(1)
 
@@ -300,7 +378,13 @@ def status(root: RootOpt, as_json: JsonOpt = False) -> None:
         _fail(e)
     if not root.is_dir():
         _fail(PPDError(f"{root}: no such run root"))
-    configure_prefect(root)
+    try:  # the root's recorded config (else the default preset), PPD_* variables included
+        idle = _resolve(None, None, root=root).run.server_idle_seconds
+    except PPDError:  # a record this code no longer reads does not stop a status: the default applies
+        from ppd_core.config import RunConfig
+
+        idle = RunConfig.model_fields["server_idle_seconds"].default
+    configure_prefect(root, idle)
     start_embedded_api(root)
     from flows.status import collect_status  # imports prefect: after configure_prefect
 
@@ -353,6 +437,15 @@ def ui(
         _fail(e)
     if url:
         out.print(f"Prefect dashboard already running: {server.dashboard_url(url)}")
+        idle = (server.recorded_server(root, url) or {}).get("idle_seconds")
+        if idle:
+            out.print(
+                f"(started in the background by an earlier ppd command: it stops after {idle:g} s unused; "
+                f"for one that stays, `ppd ui --stop --root {root}` and then `ppd ui --root {root}`)",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
         return
     try:
         proc, api = server.start_server(root, port)
@@ -388,7 +481,7 @@ def serve(
     except PPDError as e:
         _fail(e)
     root_path = Path(cfg.run.root)
-    configure_prefect(root_path)
+    configure_prefect(root_path, cfg.run.server_idle_seconds)
     started = None
     if not os.environ.get("PREFECT_API_URL"):  # the embedded API has no scheduler
         try:

@@ -9,6 +9,7 @@ verifies against its manifest; a missing or tampered directory forces a refresh 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -16,21 +17,37 @@ from prefect import flow, get_run_logger
 from flows.runs import record_flow_process
 from ppd_core import pipeline
 from ppd_core.config import PPDConfig
+from ppd_core.data import partitions
 from ppd_core.manifest import is_complete, load_manifest
+from tasks.partition import ingest_partitions
 from tasks.stage import task_for
 
 
 # no flow-level retries: each stage task retries its own transient failures, and a rerun of the flow
 # resumes from the stages that completed (every stage is cached)
 @flow(name="ppd-pipeline", validate_parameters=True)
-def pipeline_flow(config: PPDConfig, stages: list[str] | None = None) -> list[dict[str, Any]]:
-    """Run the requested stages (default: the whole pipeline) and whatever upstream they need, for one config."""
+def pipeline_flow(
+    config: PPDConfig, stages: list[str] | None = None, partitioned: bool | None = None
+) -> list[dict[str, Any]]:
+    """Run the requested stages (default: the whole pipeline) and whatever upstream they need, for one config.
+
+    ``partitioned`` overrides ``config.ingest.partitioned`` (the scheduled deployments set it): the
+    window's missing or failed days are ingested first, one ``ingest_partition`` task each, and the
+    ``ingest`` stage is their union."""
     logger = get_run_logger()
+    if partitioned is not None:
+        config = config.model_copy(
+            update={"ingest": config.ingest.model_copy(update={"partitioned": partitioned})}
+        )
     record_flow_process(config.run.root)  # a later command can tell when this process is gone
     dirs: dict[str, str] = {}
     report: list[dict[str, Any]] = []
     for stage in pipeline.expand(stages, config):
         upstream_dirs = {u: dirs[u] for u in pipeline.upstream_of(stage, config)}
+        days = None
+        if stage == "ingest" and config.ingest.partitioned:
+            days = _ingest_days(config, dirs)
+            logger.info("partitions: %d day(s), %d ingested now", days["days"], len(days["computed"]))
         manifests = {u: load_manifest(d) for u, d in upstream_dirs.items()}
         p = pipeline.plan(config, stage, manifests)
         fresh = is_complete(p.directory)
@@ -64,6 +81,19 @@ def pipeline_flow(config: PPDConfig, stages: list[str] | None = None) -> list[di
                 "started": round(started, 3),
                 "seconds": seconds,
                 "counts": result["counts"],
+                **({"partitions": days} if days is not None else {}),
             }
         )
     return report
+
+
+def _ingest_days(config: PPDConfig, dirs: dict[str, str]) -> dict[str, Any]:
+    """A partitioned run's first step: plan the window's days, run those missing or failed; a failed day
+    stops the run (the days that succeeded stay complete for the next one)."""
+    t0 = time.perf_counter()
+    plans = partitions.plan_window(config, {u: Path(d) for u, d in dirs.items()})
+    summary = partitions.run_summary(plans, ingest_partitions(config, plans))
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    if summary["failed"]:
+        raise partitions.failed_days(config.run.root, plans, summary["failed"])
+    return summary

@@ -1,4 +1,5 @@
-"""``ppd status``: the latest task run of every stage from the Prefect API, beside the partition table.
+"""``ppd status``: the latest task run of every stage from the Prefect API, beside the per-day partition
+table (every day planned or ingested so far: completed, failed, running, pending or missing; from disk only).
 
 Flow runs belong to a run root through their ``config`` parameter (``config.run.root``), so one
 server shared by several roots reports each root apart. A run whose process is gone (killed, see
@@ -16,7 +17,7 @@ from prefect.client.schemas.filters import FlowFilter, FlowFilterId, FlowRunFilt
 from prefect.client.schemas.sorting import FlowRunSort, TaskRunSort
 
 from flows.runs import reap_dead_runs
-from ppd_core.data.partitions import partition_table
+from ppd_core.data.partitions import status_table
 from ppd_core.layout import RunLayout
 from ppd_core.manifest import is_complete, load_manifest
 from ppd_core.pipeline import stage_names
@@ -37,7 +38,7 @@ def collect_status(root: str | Path) -> dict[str, Any]:
     return {
         "stages": _stage_rows(task_runs, root),
         "flow_runs": [_flow_run_row(r, flow_names) for r in runs],
-        "partitions": partition_table(root),
+        "partitions": status_table(root),
     }
 
 

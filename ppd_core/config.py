@@ -65,6 +65,25 @@ class RunConfig(Section):
         0, description="Global seed; stages derive their own seeds from it unless they set one."
     )
     workers: int = volatile(2, "Worker threads/processes for data stages (does not change results).")
+    task_runner: Literal["threads", "dask"] = volatile(
+        "threads",
+        "Where a stage's shards run: threads of the `ppd` process (embed shards; relabel and evaluate keep their "
+        "batches in the process), or dask worker processes, each pinned to its own device, for the embed shards "
+        "(embed.shard_workers at once), relabel scoring chunks and evaluate generation and scoring batches "
+        "(run.workers at once). Install the `dask` extra.",
+    )
+    cluster_address: str | None = volatile(
+        None,
+        "Scheduler address of a running Dask cluster to join (tcp://host:8786) when task_runner is dask; "
+        "None starts a local cluster of the stage's worker count for the stage.",
+    )
+    server_idle_seconds: float = volatile(
+        300.0,
+        "Seconds a root's background Prefect server, started by the first command that needs one, stays up "
+        "unused before stopping itself (0: none is kept; each command starts Prefect's temporary server).",
+        ge=0,
+        allow_inf_nan=False,
+    )
 
 
 class QuirkRates(Section):
@@ -183,6 +202,36 @@ class IngestConfig(Section):
     batch_rows: int = volatile(256, "Rows read per Arrow batch while streaming (bounds memory).", gt=0)
     shard_max_images: int = volatile(5000, "Images per webdataset tar shard.", gt=0)
     pairs_rows_per_file: int = volatile(200_000, "Rows per Parquet file inside a date partition.", gt=0)
+    partitioned: bool = Field(
+        False,
+        description="Ingest one creation day at a time into <root>/partitions/ingest (only days missing or failed) "
+        "and give the later stages the union of the complete days (`ppd run --partitioned`).",
+    )
+    start: str | None = Field(
+        None,
+        pattern=r"^\d{4}-\d{2}-\d{2}$",
+        description="Partitioned ingest only: first creation day (YYYY-MM-DD) of the union; None: the source's first.",
+    )
+    end: str | None = Field(
+        None,
+        pattern=r"^\d{4}-\d{2}-\d{2}$",
+        description="Partitioned ingest only: last creation day (inclusive); None: the source's last.",
+    )
+
+    @model_validator(mode="after")
+    def _check_window(self) -> IngestConfig:
+        for name in ("start", "end"):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    dt.date.fromisoformat(value)
+                except ValueError:
+                    raise ValueError(f"{name} {value!r} is not a date in the form YYYY-MM-DD") from None
+        if (self.start or self.end) and not self.partitioned:
+            raise ValueError("start and end choose the days of a partitioned ingest: set partitioned too")
+        if self.start and self.end and self.start > self.end:
+            raise ValueError(f"start {self.start} is after end {self.end}")
+        return self
 
 
 class FewshotConfig(Section):
@@ -190,7 +239,8 @@ class FewshotConfig(Section):
 
     seed: int = Field(
         0,
-        description="Seed of the per-user shuffles (each user's draw depends only on this seed and the user id).",
+        description="Seed of the order of a user's pairs within each creation day and of the training pairs' "
+        "conditioning sets (each draw depends only on this seed and the pair id).",
     )
     shots: int = Field(4, ge=1, description="Labelled pairs per shot set (paper: K = 4).")
     max_sets_per_user: int = Field(20, ge=1, description="Most disjoint shot sets per user (paper: 20).")

@@ -101,6 +101,35 @@ def truncate_jsonl(path: str | Path, step: int) -> int:
     return len(lines) - len(kept)
 
 
+def resume_tensorboard(directory: str | Path, step: int):
+    """A TensorBoard ``SummaryWriter`` on ``directory`` for a run that (re)starts after ``step``, keeping the
+    run's history in one event file with every (tags, step) once, as an uninterrupted run leaves it.
+
+    From scratch (``step`` 0) the event files of earlier attempts are removed. Resumed from the checkpoint
+    at ``step``, the summaries those files hold through ``step`` (a run flushes its writer before each
+    checkpoint) are copied, in order and once each, into the new writer's file, which is flushed; then the
+    earlier files are removed. What they hold past ``step`` is dropped: the resumed run logs it again. A kill
+    between the copy and the removal leaves the history twice, which the next resume merges into one again.
+    The counterpart of :func:`truncate_jsonl` for TensorBoard (whose writer cannot append to a file)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from torch.utils.tensorboard import SummaryWriter
+
+    directory = Path(directory)
+    earlier = sorted(directory.glob("events.out.tfevents.*"))  # the names start with the creation time
+    kept = {}
+    for path in earlier if step > 0 else []:
+        for event in EventFileLoader(str(path)).Load():  # stops at a record cut short by a kill
+            if event.HasField("summary") and event.step <= step:
+                kept.setdefault((event.step, tuple(v.tag for v in event.summary.value)), event)
+    writer = SummaryWriter(str(directory))
+    for event in kept.values():
+        writer.file_writer.add_event(event, walltime=event.wall_time)
+    writer.flush()
+    for path in earlier:
+        path.unlink(missing_ok=True)
+    return writer
+
+
 def load_manifest(directory: str | Path) -> Manifest | None:
     """The directory's manifest, or None if it is absent or unreadable."""
     path = Path(directory) / MANIFEST_NAME
@@ -166,7 +195,12 @@ def commit(
     counts: Mapping[str, Any],
     partition: str | None = None,
 ) -> Manifest:
-    """Hash the partial directory's files, write the manifest last, rename into place."""
+    """Hash the partial directory's files, write the manifest last, rename into place. The hidden temporary
+    files of atomic writes (``.<name>.<hex>.tmp``) that a writer killed mid-write left behind (a shard worker
+    that died, its shard since recomputed by another) are removed first: never part of an output."""
+    for leftover in partial.rglob(".*.tmp"):
+        if leftover.is_file():
+            leftover.unlink()
     files = {}
     for rel in _list_files(partial):
         st = (partial / rel).stat()

@@ -10,7 +10,10 @@ counts as complete::
 
 A stage's fingerprint covers its config section (without volatile fields), the digests of the
 upstream manifests it reads, its code version, and for ingestion of external files a listing of
-those files (path, size, version token), so new or changed source files re-ingest.
+those files (path, size, version token), so new or changed source files re-ingest. With
+``ingest.partitioned`` the drivers ingest the window's missing or failed days first
+(:mod:`ppd_core.data.partitions`) and the ``ingest`` stage is their union, fingerprinted by the days'
+manifest digests.
 """
 
 from __future__ import annotations
@@ -96,9 +99,11 @@ def plan(cfg: PPDConfig, name: str, upstream: Mapping[str, Manifest]) -> StagePl
     if missing:
         raise StageError(f"stage {name} needs the output of {', '.join(missing)}")
     digests = {u: upstream[u].digest for u in needs}
-    inputs, extra = spec.resolve(cfg) if spec.resolve else ({}, {})
+    layout = RunLayout(cfg.run.root)
+    dirs = {u: layout.stage_dir(u, upstream[u].fingerprint) for u in needs}
+    inputs, extra = spec.resolve(cfg, dirs) if spec.resolve else ({}, {})
     fp = fingerprint(name, spec.section(cfg), digests, spec.version, extra)
-    return StagePlan(name, fp, RunLayout(cfg.run.root).stage_dir(name, fp), digests, inputs)
+    return StagePlan(name, fp, layout.stage_dir(name, fp), digests, inputs)
 
 
 def execute(
@@ -202,6 +207,10 @@ def run_stages(cfg: PPDConfig, stages: Sequence[str] | None = None) -> dict[str,
     outcomes: dict[str, StageOutcome] = {}
     for group in joint_groups(cfg, expand(stages, cfg)):
         manifests = {u: outcomes[u].manifest for u in upstream_of(group[0], cfg)}
+        if group[0] == "ingest" and cfg.ingest.partitioned:  # the days first: the union is planned from them
+            from ppd_core.data.partitions import ingest_window
+
+            ingest_window(cfg, {u: o.directory for u, o in outcomes.items()})
         plans = [plan(cfg, s, manifests) for s in group]
         if len(group) == 1:
             outcomes[group[0]] = execute(cfg, plans[0], manifests)

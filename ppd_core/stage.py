@@ -57,11 +57,13 @@ class Stage:
     - ``run(ctx, out) -> counts``: the body, writing into the partial directory ``out``;
     - ``resumable``: its partial directory survives a crash (its shards or checkpoints complete atomically);
     - ``progress``: what its progress callback counts (None: it reports none);
-    - ``workers(cfg)``: how many shards it runs at once through ``ctx.map_fn`` (None: it does not fan out);
+    - ``workers(cfg)``: how many shards it runs at once through ``ctx.map_fn`` (None, or 0 for a config: no
+      ``map_fn``, the body runs its shards in its own process);
     - ``summarize(counts, directory)``: what a dashboard shows about a result;
     - ``tags``: labels for the orchestrator (e.g. "gpu");
-    - ``resolve(cfg) -> (inputs, extra)``: work done once at planning, e.g. listing source files; ``inputs``
-      reach the body as ``ctx.inputs`` and ``extra`` joins the fingerprint (new or changed files re-run it);
+    - ``resolve(cfg, dirs) -> (inputs, extra)``: work done once at planning, given the upstream output
+      directories, e.g. listing source files; ``inputs`` reach the body as ``ctx.inputs`` and ``extra``
+      joins the fingerprint (new or changed files re-run it);
     - ``brief(counts)``: the one count that matters, in words, for the console;
     - ``joint(names, contexts, outs) -> [counts]``: builds several due stages sharing this body in one go
       (e.g. the train stages in one launch), each into its own partial directory, with the same results as
@@ -78,7 +80,7 @@ class Stage:
     workers: Callable[[PPDConfig], int] | None = None
     summarize: Callable[[dict, Path], list[Summary]] | None = None
     tags: tuple[str, ...] = ()
-    resolve: Callable[[PPDConfig], tuple[dict, dict]] | None = None
+    resolve: Callable[[PPDConfig, Mapping[str, Path]], tuple[dict, dict]] | None = None
     brief: Callable[[dict], str] | None = None
     joint: Callable[[Sequence[str], Sequence[StageContext], Sequence[Path]], list[dict]] | None = None
 
@@ -90,6 +92,19 @@ class Stage:
             return self.brief(counts)
         except (KeyError, TypeError, ValueError, ZeroDivisionError):
             return ""
+
+
+class ProgressCount:
+    """Counts done units of a known total for a stage body and reports ``(done, total)`` to its progress
+    callback (a no-op without one); bodies call :meth:`add` once per chunk of work, not per row."""
+
+    def __init__(self, progress: Progress | None, total: int):
+        self.progress, self.total, self.done = progress, int(total), 0
+
+    def add(self, n: int = 1) -> None:
+        self.done += int(n)
+        if self.progress is not None:
+            self.progress(self.done, self.total)
 
 
 def no_upstream(cfg: PPDConfig) -> tuple[str, ...]:

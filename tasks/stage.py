@@ -1,7 +1,7 @@
 """The one Prefect task of every registered stage: cache policy, retries, progress and the stage's own
 dashboard summary, around :func:`ppd_core.pipeline.execute`. A stage that fans out (``Stage.workers``)
-runs its shards as child tasks on a thread task runner; shards complete atomically, so a retry resumes
-where it stopped."""
+runs its shards as child tasks on the task runner ``run.task_runner`` names (threads, or Dask worker
+processes: :mod:`tasks.runners`); shards complete atomically, so a retry resumes where it stopped."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ from prefect import Task, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
-from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
 
 from ppd_core import pipeline
-from ppd_core.config import PPDConfig
+from ppd_core.config import PPDConfig, RunConfig
 from ppd_core.stage import Summary
 from ppd_core.stages import STAGES
 from tasks.common import TASK_OPTIONS, progress_reporter, retry_if_transient, run_stage_body
+from tasks.runners import PinSpec, pin_this_worker, task_runner
 
 
 @task(
@@ -28,17 +28,30 @@ from tasks.common import TASK_OPTIONS, progress_reporter, retry_if_transient, ru
     retries=1,
     retry_condition_fn=retry_if_transient,
 )
-def shard_task(work, shard):
-    """One shard of a fanned-out stage (returns at once when it is already complete in the partial directory)."""
+def shard_task(work, shard, pin: PinSpec | None = None):
+    """One shard of a fanned-out stage (returns at once when it is already complete in the partial directory).
+    In a worker process of a local cluster, ``pin`` pins the process to its own device first."""
+    if pin is not None:
+        pin_this_worker(pin)
     return work(shard)
 
 
-def _shard_mapper(workers: int):
-    """Fan shards out over a thread task runner of ``workers`` threads; yield results as they complete."""
+def _shard_mapper(workers: int, run: RunConfig, visible: tuple[str, ...] | None = None):
+    """Fan shards out over ``run.task_runner`` with ``workers`` workers; yield results as they complete.
+
+    ``threads``: a thread task runner of this process. ``dask``: a :class:`prefect_dask.DaskTaskRunner` over a
+    local cluster of ``workers`` single-threaded worker processes, each pinned to its own device, or over the
+    running cluster at ``run.cluster_address`` (its workers keep their own devices: start them with dask-cuda,
+    one per GPU). A worker that dies mid-shard has its shard rerun on another by Dask; shards write
+    atomically, so nothing half-written is kept. ``visible``: the devices to assign (default: each
+    worker's own, from torch)."""
 
     def map_shards(work, shards):
-        with ThreadPoolTaskRunner(max_workers=workers) as runner:
-            futures = runner.map(shard_task, parameters={"work": unmapped(work), "shard": shards})
+        runner, pin = task_runner(run, workers, visible)
+        with runner:
+            futures = runner.map(
+                shard_task, parameters={"work": unmapped(work), "shard": shards, "pin": unmapped(pin)}
+            )
             for future in as_completed(futures):
                 yield future.result()
 
@@ -60,7 +73,8 @@ def stage_task(config: PPDConfig, plan: pipeline.StagePlan, upstream_dirs: dict[
     """Execute one planned stage (the flow plans each stage once and passes the plan in)."""
     spec = STAGES[plan.stage]
     progress = progress_reporter(spec.progress) if spec.progress else None
-    map_fn = _shard_mapper(spec.workers(config)) if spec.workers else None
+    workers = spec.workers(config) if spec.workers else 0
+    map_fn = _shard_mapper(workers, config.run) if workers else None
     result = run_stage_body(config, plan, upstream_dirs, progress=progress, map_fn=map_fn)
     if spec.summarize is not None:
         for summary in spec.summarize(result["counts"], Path(result["directory"])):

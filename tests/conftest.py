@@ -6,6 +6,10 @@ import os
 import shutil
 import subprocess
 
+# Each `ppd` command the tests start on a new root would leave that root's background Prefect server up for
+# run.server_idle_seconds (300 s by default); in the suite they stop after 30 s unused instead.
+os.environ.setdefault("PPD_RUN__SERVER_IDLE_SECONDS", "30")
+
 
 def chromium_binary() -> str | None:
     """Debian's chromium, installed with apt-get when missing (None if that fails)."""

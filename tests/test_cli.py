@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from benchmarks.bench_faults import kill_group, launched_by, reap, survivors, tensorboard_history
+from ppd_core import pipeline
 from ppd_core.config import reference_markdown
-from tests.conftest import running
 
 REPO = Path(__file__).resolve().parents[1]
 PPD = str(Path(sys.executable).parent / "ppd")
@@ -39,6 +40,34 @@ def ppd(*args, check=True, env=None):
 
 def run_json(*args):
     return {s["name"]: s for s in json.loads(ppd("run", *args, "--json").stdout)["stages"]}
+
+
+_READ_PROGRESS = """
+import asyncio, json
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType
+
+async def main():
+    async with get_client() as client:
+        found = await client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])))
+    print(json.dumps([{"description": a.description, "data": a.data} for a in found]))
+
+asyncio.run(main())
+"""
+
+
+def progress_artifacts(root: Path) -> list[dict]:
+    """The progress artifacts recorded in a run root's Prefect database (description, percentage)."""
+    env = ppd_env({"PREFECT_HOME": str(root / ".prefect")})
+    proc = subprocess.run(
+        [sys.executable, "-c", _READ_PROGRESS],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=True,
+    )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("command", [[], ["run"], ["config"], ["config", "show"], ["config", "reference"]])
@@ -102,6 +131,9 @@ def test_pipeline_flow_caches_and_recomputes_only_what_changed(tmp_path):
         assert Path(s["output_dir"]).parent == Path(root, s["name"])
     ingest = first["ingest"]["counts"]
     assert ingest["input_rows"] == ingest["kept_rows"] + ingest["quarantined"] > 0
+    # every computed stage showed its progress as a Prefect artifact, ending at 100%
+    finished = {a["description"] for a in progress_artifacts(Path(root)) if a["data"] == 100}
+    assert {pipeline.stage(name).progress for name in first} <= finished
 
     second = run_json("--root", root, *SMALL, "--stages", "probe")
     assert all(s["cached"] for s in second.values())
@@ -180,24 +212,10 @@ TRAIN = [
 ]
 
 
-def _training_processes(root: Path) -> list[int]:
-    """Pids of the launcher and ranks training under ``root`` (their command lines name its train spec)."""
-    import psutil
-
-    found = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if str(root) in cmdline and "train_spec.json" in cmdline:
-            found.append(proc.info["pid"])
-    return found
-
-
 @pytest.mark.slow  # about 3 minutes on 2 cores: the data stages, then training twice
 def test_kill_9_of_ppd_ends_training_and_the_rerun_logs_each_step_once(tmp_path):
     """``kill -9`` of the ppd process group mid-training: the DeepSpeed launcher and ranks (their own session)
     end too; the rerun resumes from the last checkpoint and commits logs with every step once."""
-    import signal
-
     root = tmp_path / "run"
     cmd = [PPD, "run", "--root", str(root), *TRAIN]
     log = tmp_path / "killed-ppd.log"
@@ -210,17 +228,11 @@ def test_kill_9_of_ppd_ends_training_and_the_rerun_logs_each_step_once(tmp_path)
         if proc.poll() is not None or time.time() > deadline:
             pytest.fail(f"training did not reach its first checkpoint:\n{log.read_text()[-4000:]}")
         time.sleep(0.2)
-    training = _training_processes(root)
-    assert training  # the launcher and the rank
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    deadline = time.time() + 30
-    while any(running(p) for p in training) and time.time() < deadline:
-        time.sleep(0.2)
-    survivors = [p for p in training if running(p)]
-    for p in survivors:
-        os.kill(p, signal.SIGKILL)
-    assert not survivors, "training outlived the killed ppd"
+    assert launched_by(proc.pid)  # the rank, in a session of its own; its environment names this ppd
+    seen = kill_group(proc)  # kill -9 of the process group
+    left, _ = survivors(proc.pid, seen, wait_s=30)
+    reap(seen)
+    assert not left, f"training outlived the killed ppd: {left}"
 
     rerun = ppd("run", "--root", str(root), *TRAIN)
     train = {s["name"]: s for s in json.loads(rerun.stdout)["stages"]}["train_ppd"]
@@ -230,6 +242,9 @@ def test_kill_9_of_ppd_ends_training_and_the_rerun_logs_each_step_once(tmp_path)
     assert steps == list(range(1, 13))
     validated = [json.loads(x)["step"] for x in (out / "validation.jsonl").read_text().splitlines()]
     assert validated == [3, 6, 9, 12]
+    names, history = tensorboard_history(out / "tensorboard")
+    assert len(names) == 1 and len(history) == len(set(history))  # one event file, each (tag, step) once
+    assert {step for tag, step in history if tag == "train/loss"} == set(range(1, 13))
 
 
 def test_config_errors_name_the_source_of_the_value():

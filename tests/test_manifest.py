@@ -165,3 +165,19 @@ def test_the_lock_of_a_killed_builder_is_taken_over(tmp_path):
     )
     assert not outcome.reused and len(calls) == 1 and not waits
     assert set(outcome.manifest.files) == {"a.txt", "sub/b.bin"}  # the killed attempt's file was cleared
+
+
+def test_temporaries_of_a_writer_killed_mid_write_are_never_committed(tmp_path):
+    """A shard worker that died mid-write leaves its atomic write's hidden temporary; its shard was redone
+    by another. The commit drops the temporary: the output lists and holds only complete files."""
+
+    def build(partial):
+        (partial / "clip").mkdir()
+        (partial / "clip" / "shard-00000.parquet").write_bytes(b"done")
+        (partial / "clip" / ".shard-00001.parquet.0f3a.tmp").write_bytes(b"half")  # the dead worker's
+        (partial / "clip" / "shard-00001.parquet").write_bytes(b"redone")
+        return {"shards": 2}
+
+    out = run_stage(RunLayout(tmp_path), "demo", "f1", build, code_version="1", config={}, upstream={})
+    assert sorted(out.manifest.files) == ["clip/shard-00000.parquet", "clip/shard-00001.parquet"]
+    assert not list(out.directory.rglob("*.tmp")) and is_complete(out.directory)

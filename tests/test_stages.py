@@ -41,6 +41,8 @@ def test_every_stage_is_registered_once_with_a_version_and_a_body():
     assert names[:2] == ["synthesize", "ingest"] and names[-1] == "evaluate"
     for s in stages.REGISTRY:
         assert s.version and callable(s.run) and callable(s.upstream) and callable(s.section)
+    # every stage shows its progress (a Prefect progress artifact, see tests/test_cli.py): none is silent
+    assert [s.name for s in stages.REGISTRY if not s.progress] == []
     # one train stage per trained model of the compared-models table
     assert {s for s in names if s.startswith("train_")} == set(TRAINED)
     assert {m.train_stage for m in COMPARED.values() if m.train_stage} == set(TRAINED)

@@ -2,25 +2,32 @@
 
 Owns the ``fewshot`` stage (the design; the paper). From the
 ingested ``pairs`` table plus the ``relabel`` stage's (its reward users, same schema) it draws, for
-every user with at least ``min_pairs_per_user`` pairs:
+every user with at least ``min_pairs_per_user`` pairs, from the user's pairs in their **order**
+(creation day, then a seeded hash of the pair id within the day):
 
-- **seen** users: the first ``heldout_pairs_per_user`` shuffled pairs are evaluation pairs; the
-  other pairs are cut into disjoint chunks of ``shots`` (incomplete last chunk dropped, at most
-  ``max_sets_per_user``); every non-evaluation pair is a training pair conditioned on one of the
-  user's shot sets that does not contain it. A pair whose only set is its own is dropped.
-- **unseen** users: up to ``unseen_shot_sets`` disjoint shot sets; every other pair is an
-  evaluation pair, and at least one must remain.
+- **seen** users: the first ``heldout_pairs_per_user`` pairs are evaluation pairs (with every later
+  pair that shares a prompt with one of them); the other pairs are cut, in order, into consecutive
+  chunks of ``shots`` (an incomplete last chunk waits for more pairs, at most ``max_sets_per_user``);
+  every non-evaluation pair is a training pair conditioned on one of the user's shot sets that does
+  not contain it. A pair whose only set is its own is dropped.
+- **unseen** users: the first (up to ``unseen_shot_sets``) chunks of ``shots`` pairs are shot sets, as
+  many as leave at least one evaluation pair; every other pair is an evaluation pair.
 
-Determinism and incremental stability
-- A user's shuffle uses a numpy Generator seeded from ``(cfg.seed, user_id)`` only, applied to the
-  user's pairs sorted by ``pair_id``. Adding or removing *other* users, or reordering the input,
-  never changes a user's sets, so their content-hash ids (which key embeddings downstream) stay
-  put and a new partition computes only new sets. A change to the user's *own* pairs redraws
-  that user's sets.
+Stability under appended days (the set rule)
+- A user's order only grows at its end when a later day is added, and every choice above is a
+  prefix of that order (held-out pairs, then chunks in order), so adding days never changes a set
+  that exists: a user's existing shot sets stay exactly as they were and new pairs form new sets
+  (set ``j`` is always the ``j``-th chunk). Their content-hash ids, which key embeddings downstream,
+  stay put, so a run over more days embeds only the new sets, and a run over all days at once
+  gives the same sets as one that grew day by day. Adding or removing *other* users, or
+  reordering the input, changes nothing either. A day that changes (re-ingested with other rows)
+  can change the sets holding its pairs and later ones; earlier days' sets stay.
 - Seen/unseen is decided by a hash of ``"unseen:{user_id}"`` mapped to [0, 1) and compared with
-  ``unseen_fraction``. It does not depend on ``cfg.seed``: redrawing shots with another seed
-  keeps the same users held out, so results across seeds compare the same populations. Raising
-  the fraction only moves users from seen to unseen.
+  ``unseen_fraction``: it never changes as a user's pairs grow. It does not depend on ``cfg.seed``:
+  redrawing shots with another seed keeps the same users held out, so results across seeds compare
+  the same populations. Raising the fraction only moves users from seen to unseen.
+- The seed orders the pairs within a day (``order_key``) and draws each training pair's
+  conditioning set (a hash of the seed and the pair id), so the draws depend on nothing else.
 
 Prompt hygiene (the paper: "never evaluate on prompts in the 4 shots"). Captions are
 compared after case folding and collapsing whitespace; empty captions never match.
@@ -48,8 +55,10 @@ import pyarrow.parquet as pq
 
 from ppd_core import schemas
 from ppd_core.config import FewshotConfig
+from ppd_core.data.union import pairs_roots
 from ppd_core.errors import SchemaError, StageError
 from ppd_core.manifest import atomic_write_bytes
+from ppd_core.stage import Progress, ProgressCount
 
 SEEN, UNSEEN, EXCLUDED = "seen", "unseen", "excluded"
 TOO_FEW_PAIRS = "too_few_pairs"  # fewer than min_pairs_per_user
@@ -57,14 +66,16 @@ TOO_FEW_PAIRS_SEEN = "too_few_pairs_seen"  # seen, but no shot set or no conditi
 TOO_FEW_PAIRS_UNSEEN = "too_few_pairs_unseen"  # unseen, but not one set plus one evaluation pair
 UNSEEN_SALT = "unseen"  # the split hashes f"{UNSEEN_SALT}:{user_id}", independent of cfg.seed
 SHOT_SET_ID_CHARS = 20
+PROGRESS_USERS = 256  # users planned between two progress reports
 OUTPUT_SCHEMAS = {
     "shot_sets": schemas.SHOT_SETS,
     "train_pairs": schemas.TRAIN_PAIRS,
     "eval_pairs": schemas.EVAL_PAIRS,
     "users": schemas.FEWSHOT_USERS,
 }
-REQUIRED_COLUMNS = ("pair_id", "user_id", "caption", "winner_uid", "loser_uid")
-NOT_NULL_COLUMNS = ("pair_id", "user_id", "winner_uid", "loser_uid")
+REQUIRED_COLUMNS = ("pair_id", "user_id", "caption", "winner_uid", "loser_uid", "created_at")
+NOT_NULL_COLUMNS = ("pair_id", "user_id", "winner_uid", "loser_uid", "created_at")
+_NS_PER_DAY = 86_400 * 10**9
 
 
 # ------------------------------------------------------------------------------------ identities
@@ -74,9 +85,14 @@ def _hash_int(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
 
-def user_rng(seed: int, user_id: int) -> np.random.Generator:
-    """The generator of one user's draw: depends on nothing but the seed and the user id."""
-    return np.random.default_rng(_hash_int(f"fewshot:{seed}:{user_id}"))
+def order_key(seed: int, pair_id: str) -> int:
+    """A pair's place among its user's pairs of the same creation day (a seeded hash of the pair id)."""
+    return _hash_int(f"fewshot:{seed}:{pair_id}")
+
+
+def conditioning_draw(seed: int, pair_id: str) -> float:
+    """Uniform-looking number in [0, 1) that picks a training pair's conditioning set."""
+    return _hash_int(f"condition:{seed}:{pair_id}") / 2**64
 
 
 def unseen_score(user_id: int) -> float:
@@ -109,18 +125,22 @@ def _check_columns(table: pa.Table, where: object) -> None:
 
 
 def read_pairs(stage_dir: Path, allow_empty: bool = False) -> pa.Table:
-    """A stage's ``pairs`` table (ingest's or relabel's; hive-partitioned by ``created_date``), sorted by pair_id."""
-    root = Path(stage_dir) / "pairs"
-    if not root.is_dir():
-        raise StageError(f"no pairs table at {root}: run the ingest stage (or relabel) first")
+    """A stage's ``pairs`` table (ingest's or relabel's; hive-partitioned by ``created_date``), sorted by
+    pair_id. The ingest output of a partitioned run is read as the union of its days' tables."""
+    roots = pairs_roots(stage_dir)
+    where = roots[0] if len(roots) == 1 else Path(stage_dir)
+    missing = [r for r in roots if not r.is_dir()]
+    if missing:
+        raise StageError(f"no pairs table at {missing[0]}: run the ingest stage (or relabel) first")
     partitioning = ds.partitioning(pa.schema([(schemas.PAIRS_PARTITION, pa.string())]), flavor="hive")
     try:
-        table = ds.dataset(root, format="parquet", partitioning=partitioning).to_table()
+        tables = [ds.dataset(r, format="parquet", partitioning=partitioning).to_table() for r in roots]
+        table = pa.concat_tables(tables, promote_options="none") if tables else schemas.PAIRS.empty_table()
     except (pa.ArrowInvalid, OSError) as e:
-        raise StageError(f"{root}: cannot read the pairs table: {e}") from e
+        raise StageError(f"{where}: cannot read the pairs table: {e}") from e
     if table.num_rows == 0 and not allow_empty:
-        raise StageError(f"{root}: the pairs table is empty (no rows in any partition)")
-    _check_columns(table, root)
+        raise StageError(f"{where}: the pairs table is empty (no rows in any partition)")
+    _check_columns(table, where)
     return table.sort_by([("pair_id", "ascending"), ("user_id", "ascending")])
 
 
@@ -139,7 +159,7 @@ def _check_values(pairs: pa.Table) -> None:
 
 @dataclass
 class _UserPlan:
-    """One user's draw, as positions into the pairs table sorted by (user_id, pair_id)."""
+    """One user's draw, as positions into the pairs table in order (user_id, day, order key)."""
 
     user_id: int
     positions: list[int]
@@ -161,9 +181,7 @@ def _chunks(items: list[int], size: int, count: int) -> list[list[int]]:
     return [items[i * size : (i + 1) * size] for i in range(count)]
 
 
-def _plan_seen(
-    cfg: FewshotConfig, plan: _UserPlan, order: list[int], keys: list, rng: np.random.Generator
-) -> _UserPlan:
+def _plan_seen(cfg: FewshotConfig, plan: _UserPlan, order: list[int], keys: list, draws: list) -> _UserPlan:
     n_held = min(cfg.heldout_pairs_per_user, len(order))
     held_keys = {keys[p] for p in order[:n_held]} - {None}
     plan.eval, rest = list(order[:n_held]), []
@@ -179,7 +197,8 @@ def _plan_seen(
                 sets_with_key.setdefault(keys[p], set()).add(j)
     # Each training pair draws its conditioning set among the user's sets that do not contain it,
     # preferring sets that do not show its prompt either (the situation evaluation will be in).
-    for p, u in zip(rest, rng.random(len(rest)), strict=True):
+    for p in rest:
+        u = draws[p]
         own, avoid = own_set.get(p), sets_with_key.get(keys[p], ())
         if own is None and not avoid:
             pool: Sequence[int] = range(n_sets)
@@ -211,16 +230,26 @@ def _plan_unseen(cfg: FewshotConfig, plan: _UserPlan, order: list[int], keys: li
     return plan.exclude(TOO_FEW_PAIRS_UNSEEN)
 
 
-def _plan_user(cfg: FewshotConfig, user_id: int, positions: list[int], keys: list) -> _UserPlan:
+def _plan_user(cfg: FewshotConfig, user_id: int, positions: list[int], keys: list, draws: list) -> _UserPlan:
+    """One user's draw; ``positions`` are already in the user's order (day, then order key)."""
     plan = _UserPlan(user_id, positions, SEEN)
     if len(positions) < cfg.min_pairs_per_user:
         return plan.exclude(TOO_FEW_PAIRS)
-    rng = user_rng(cfg.seed, user_id)
-    order = [positions[i] for i in rng.permutation(len(positions))]  # positions are pair_id-sorted
     if unseen_score(user_id) < cfg.unseen_fraction:
         plan.split = UNSEEN
-        return _plan_unseen(cfg, plan, order, keys)
-    return _plan_seen(cfg, plan, order, keys, rng)
+        return _plan_unseen(cfg, plan, positions, keys)
+    return _plan_seen(cfg, plan, positions, keys, draws)
+
+
+def _in_order(cfg: FewshotConfig, pairs: pa.Table) -> pa.Table:
+    """The pairs sorted by user, creation day (UTC) and the seeded order key within the day."""
+    pairs = pairs.sort_by([("pair_id", "ascending")])  # a canonical start: ties keep this order
+    pair_ids = pairs["pair_id"].to_pylist()
+    ns = pc.cast(pairs["created_at"], pa.int64()).to_numpy(zero_copy_only=False)
+    day = np.floor_divide(ns, _NS_PER_DAY)
+    key = np.fromiter((order_key(cfg.seed, p) for p in pair_ids), dtype=np.uint64, count=len(pair_ids))
+    order = np.lexsort((key, day, pairs["user_id"].to_numpy()))
+    return pairs.take(pa.array(order))
 
 
 # ------------------------------------------------------------------------------------------ assembly
@@ -347,21 +376,28 @@ def _check_invariants(cfg: FewshotConfig, tables: dict[str, pa.Table], plans: li
         )
 
 
-def build_fewshot(cfg: FewshotConfig, pairs: pa.Table) -> dict[str, pa.Table]:
-    """Shot sets, training pairs, evaluation pairs and the per-user table; pure and deterministic."""
+def build_fewshot(
+    cfg: FewshotConfig, pairs: pa.Table, progress: Progress | None = None
+) -> dict[str, pa.Table]:
+    """Shot sets, training pairs, evaluation pairs and the per-user table; pure and deterministic.
+    ``progress(done, total)`` counts the users planned, ``PROGRESS_USERS`` at a time."""
     _check_columns(pairs, "pairs")
     pairs = pairs.select(list(REQUIRED_COLUMNS))
     _check_values(pairs)
     if pairs.num_rows == 0:
         raise StageError("fewshot: the pairs table is empty")
-    pairs = pairs.sort_by([("user_id", "ascending"), ("pair_id", "ascending")])
+    pairs = _in_order(cfg, pairs)
     keys = [caption_key(c) for c in pairs["caption"].to_pylist()]
+    draws = [conditioning_draw(cfg.seed, p) for p in pairs["pair_id"].to_pylist()]
     user_ids = pairs["user_id"].to_numpy()
     starts = np.flatnonzero(np.r_[True, user_ids[1:] != user_ids[:-1]])  # first row of each user
     ends = np.r_[starts[1:], len(user_ids)]
-    plans = [
-        _plan_user(cfg, int(user_ids[s]), list(range(s, e)), keys) for s, e in zip(starts, ends, strict=True)
-    ]
+    planned = ProgressCount(progress, len(starts))
+    plans = []
+    for first in range(0, len(starts), PROGRESS_USERS):
+        chunk = zip(starts[first : first + PROGRESS_USERS], ends[first : first + PROGRESS_USERS], strict=True)
+        plans += [_plan_user(cfg, int(user_ids[s]), list(range(s, e)), keys, draws) for s, e in chunk]
+        planned.add(len(plans) - planned.done)
     if all(plan.split == EXCLUDED for plan in plans):
         reasons = dict(Counter(plan.reason for plan in plans))
         raise StageError(
@@ -436,15 +472,19 @@ def read_fewshot(fewshot_dir: str | Path, name: str, columns: list[str] | None =
 
 
 def sample_fewshot(
-    cfg: FewshotConfig, ingest_dir: Path, out_dir: Path, relabel_dir: Path | None = None
+    cfg: FewshotConfig,
+    ingest_dir: Path,
+    out_dir: Path,
+    relabel_dir: Path | None = None,
+    progress: Progress | None = None,
 ) -> dict:
     """Stage body: read the ingested pairs and the relabel stage's reward users' pairs (same schema), draw
-    the few-shot tables, write ``out_dir/<name>.parquet``, return counts."""
+    the few-shot tables, write ``out_dir/<name>.parquet``, return counts (``progress``: users planned)."""
     pairs = read_pairs(Path(ingest_dir)).select(list(REQUIRED_COLUMNS))
     if relabel_dir is not None:
         relabelled = read_pairs(Path(relabel_dir), allow_empty=True).select(list(REQUIRED_COLUMNS))
         pairs = pa.concat_tables([pairs, relabelled])
-    tables = build_fewshot(cfg, pairs)
+    tables = build_fewshot(cfg, pairs, progress)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, table in tables.items():

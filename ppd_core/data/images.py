@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from ppd_core.config import IngestConfig
+from ppd_core.data.union import IMAGES_DIR, image_roots
 from ppd_core.errors import StageError
 from ppd_core.schemas import IMAGE_INDEX
 
@@ -417,7 +418,8 @@ class ImageShardWriter:
 
 
 class ImageStore:
-    """Random access to an ``images/`` directory by image uid (local path or fsspec URL).
+    """Random access to an ``images/`` directory by image uid (local path or fsspec URL), or to several
+    of them as one store (:meth:`union`: the days of a partitioned ingest).
 
     The index is loaded once; every read is one ranged read of the shard (no tar scan), so the
     store is safe to share between threads.
@@ -431,9 +433,42 @@ class ImageStore:
         self.index = pq.read_table(index_path, filesystem=self.fs, schema=IMAGE_INDEX)
         self._uids: list[str] = self.index.column("image_uid").to_pylist()
         self._row = {uid: i for i, uid in enumerate(self._uids)}
-        self._shard = self.index.column("shard").to_pylist()
+        names = self.index.column("shard").to_pylist()
+        unique = sorted(set(names))
+        self._paths = [f"{self.root.rstrip('/')}/{n}" for n in unique]
+        where = {n: i for i, n in enumerate(unique)}
+        self._shard = np.fromiter((where[n] for n in names), dtype=np.int32, count=len(names))
         self._offset = self.index.column("offset").to_numpy()
         self._nbytes = self.index.column("nbytes").to_numpy()
+
+    @classmethod
+    def union(cls, directories: Sequence[str | Path]) -> ImageStore:
+        """One store over several ``images/`` directories; a uid in several of them is read from the
+        first (the same uid names the same image bytes). One directory gives the plain store."""
+        stores = [cls(d) for d in directories]
+        if len(stores) == 1:
+            return stores[0]
+        if not stores:
+            raise ValueError("an image store union needs at least one directory")
+        first = stores[0]
+        union = cls.__new__(cls)
+        union.fs, union.root = first.fs, first.root
+        union._paths, uids, shard, offset, nbytes, tables = [], [], [], [], [], []
+        seen: set[str] = set()
+        for store in stores:
+            keep = [i for i, uid in enumerate(store._uids) if uid not in seen]
+            seen.update(store._uids[i] for i in keep)
+            take = np.asarray(keep, dtype=np.int64)
+            uids += [store._uids[i] for i in keep]
+            shard.append(store._shard[take] + len(union._paths))
+            offset.append(store._offset[take])
+            nbytes.append(store._nbytes[take])
+            tables.append(store.index.take(pa.array(take)))
+            union._paths += store._paths
+        union.index = pa.concat_tables(tables)
+        union._uids, union._row = uids, {uid: i for i, uid in enumerate(uids)}
+        union._shard, union._offset, union._nbytes = (np.concatenate(a) for a in (shard, offset, nbytes))
+        return union
 
     @property
     def uids(self) -> list[str]:
@@ -442,8 +477,7 @@ class ImageStore:
     @property
     def shard_urls(self) -> list[str]:
         """Shard paths in order, for ``webdataset.WebDataset(urls, shardshuffle=False)``."""
-        names = sorted(set(self._shard))
-        return [self.fs.unstrip_protocol(f"{self.root.rstrip('/')}/{n}") for n in names]
+        return [self.fs.unstrip_protocol(p) for p in self._paths]
 
     def __len__(self) -> int:
         return len(self._uids)
@@ -461,8 +495,7 @@ class ImageStore:
         """The original image bytes, byte-identical to the ingested ones."""
         i = self._lookup(uid)
         start = int(self._offset[i])
-        path = f"{self.root.rstrip('/')}/{self._shard[i]}"
-        return self.fs.cat_file(path, start=start, end=start + int(self._nbytes[i]))
+        return self.fs.cat_file(self._paths[self._shard[i]], start=start, end=start + int(self._nbytes[i]))
 
     def get_pil(self, uid: str) -> Image.Image:
         """The decoded image (mode as stored)."""
@@ -489,25 +522,24 @@ class ImageStore:
         return np.stack(arrays)  # (N, H, W, 3)
 
 
-INGEST_IMAGES = "images"  # the image store inside an ingest output
+INGEST_IMAGES = IMAGES_DIR  # the image store inside an ingest output
 
 
 def has_ingest_images(ingest_dir: str | Path) -> bool:
     """Whether an ingest output holds images (a metadata-only source gives none)."""
-    return (Path(ingest_dir) / INGEST_IMAGES / INDEX_NAME).is_file()
+    return any((d / INDEX_NAME).is_file() for d in image_roots(ingest_dir))
 
 
 def ingest_images(ingest_dir: str | Path) -> ImageStore:
-    """The ingest stage's image store (``<ingest>/images``), opened once per directory and process; a clear
-    error when ingestion wrote no images."""
+    """The ingest stage's image store (``<ingest>/images``; for a partitioned run, one store over every
+    day's), opened once per directory and process; a clear error when ingestion wrote no images."""
     return _open_ingest_images(str(ingest_dir))
 
 
 @functools.cache
 def _open_ingest_images(ingest_dir: str) -> ImageStore:
-    images = Path(ingest_dir) / INGEST_IMAGES
     if not has_ingest_images(ingest_dir):
         raise StageError(
             f"{ingest_dir}: ingestion wrote no images (metadata-only source?); this stage needs image bytes"
         )
-    return ImageStore(images)
+    return ImageStore.union([d for d in image_roots(ingest_dir) if (d / INDEX_NAME).is_file()])

@@ -46,6 +46,7 @@ from ppd_core.data.world_render import (
 )
 from ppd_core.errors import ConfigError
 from ppd_core.schemas import PICKAPIC_V2
+from ppd_core.stage import Progress, ProgressCount
 
 __all__ = [
     "ATTRIBUTES",
@@ -66,6 +67,7 @@ SESSION_SECONDS = 3600  # a user's rows come in sessions of up to an hour
 ROWS_PER_SESSION = 20
 MODELS = ("synthetic/painter-v1", "synthetic/painter-v2", "synthetic/sketcher-xl")
 URL_PREFIX = "https://images.synthetic-pickapic.invalid/"
+PROGRESS_CHUNK = 2048  # images rendered and encoded between two progress reports
 QUIRKS = ("tie", "unlabeled", "identical", "missing_caption", "bad_image")  # exclusive per row
 _ARCHETYPE_RESTARTS = 64
 
@@ -366,8 +368,9 @@ def _pickapic_table(
     )
 
 
-def synthesize(cfg: WorldConfig, out_dir: Path) -> dict:
-    """Write the world's Pick-a-Pic v2 shards and ground truth under ``out_dir``; return counts."""
+def synthesize(cfg: WorldConfig, out_dir: Path, progress: Progress | None = None) -> dict:
+    """Write the world's Pick-a-Pic v2 shards and ground truth under ``out_dir``; return counts.
+    ``progress(done, total)`` counts the images rendered and encoded, a chunk at a time."""
     out_dir = Path(out_dir)
     archetypes = choose_archetypes(cfg.num_archetypes, _rng(cfg.seed, "archetypes"))
     user_ids, user_archetype, user_weights = _users(cfg, archetypes)
@@ -379,13 +382,16 @@ def synthesize(cfg: WorldConfig, out_dir: Path) -> dict:
 
     # render each unique image once, encode it, and score the decoded pixels the files will carry
     images = pairs.images
-    pixels = render_images(
-        [CAPTIONS[c] for c in images.render_caption],
-        np.array(images.render_style),
-        cfg.image_size,
-        cfg.supersample,
-    )
-    jpegs = [encode_jpeg(img) for img in pixels]
+    captions, styles = [CAPTIONS[c] for c in images.render_caption], np.array(images.render_style)
+    rendered = ProgressCount(progress, len(captions))
+    jpegs = []
+    for start in range(
+        0, len(captions), PROGRESS_CHUNK
+    ):  # each image is drawn on its own: chunks change nothing
+        stop = start + PROGRESS_CHUNK
+        pixels = render_images(captions[start:stop], styles[start:stop], cfg.image_size, cfg.supersample)
+        jpegs += [encode_jpeg(img) for img in pixels]
+        rendered.add(len(pixels))
     z = world.standardise(measure_attributes(np.stack([decode_jpeg(b) for b in jpegs])))  # (R, A)
     slot_render = np.array(images.slot_render)
     r0 = np.einsum("na,na->n", user_weights[row_user], z[slot_render[pairs.slot0]])  # (n,) oracle rewards

@@ -29,7 +29,9 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from ppd_core.weights import save_safetensors
 
 WEIGHTS_FILE = "encoder.safetensors"
 
@@ -151,10 +153,9 @@ class PreferenceEncoder(nn.Module):
         """``encoder.safetensors`` with the constructor arguments (and ``extra``) in its metadata."""
         path = Path(directory) / WEIGHTS_FILE
         meta = {"config": json.dumps(self.config()), "extra": json.dumps(extra or {}, sort_keys=True)}
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp), meta)
-        tmp.replace(path)
-        return path
+        return save_safetensors(
+            {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, path, meta
+        )
 
     @classmethod
     def load(cls, directory: Path, device: str | torch.device = "cpu") -> tuple[PreferenceEncoder, dict]:

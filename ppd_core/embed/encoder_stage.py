@@ -43,7 +43,7 @@ from ppd_core.embed.encoder_model import PreferenceEncoder
 from ppd_core.embed.features import FeatureTable, load_feature_source, write_feature_shards
 from ppd_core.embed.probe import single_thread
 from ppd_core.errors import StageError
-from ppd_core.manifest import atomic_write_bytes, atomic_write_json, truncate_jsonl
+from ppd_core.manifest import atomic_write_bytes, atomic_write_json, resume_tensorboard, truncate_jsonl
 
 Progress = Callable[[int, int], None]
 CHECKPOINTS = "checkpoints"
@@ -271,9 +271,7 @@ def train_encoder(
     if not found:
         best = {"step": 0, "accuracy": validation_accuracy(model, G, val_contexts)}
 
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start or None)
+    writer = resume_tensorboard(out_dir / "tensorboard", start)  # one event file, each step once
     bar = tqdm(total=cfg.steps, initial=start, desc="encoder", unit="step", disable=None, mininterval=1.0)
     window: list[float] = []
     t0 = time.perf_counter()

@@ -16,6 +16,7 @@ a zero margin counts half. On the synthetic world, ``true-attribute-diff`` is th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -78,9 +79,16 @@ def _row(embedder: str, kind: str, method: str, accuracy: float, n: int, shots: 
 
 
 def pair_diagnostics(
-    cfg: ProbeConfig, embed_dir: Path, fewshot_dir: Path, encoder_dir: Path, embedders: dict[str, str]
+    cfg: ProbeConfig,
+    embed_dir: Path,
+    fewshot_dir: Path,
+    encoder_dir: Path,
+    embedders: dict[str, str],
+    on_fit: Callable[[], None] | None = None,
 ) -> list[dict]:
-    """PROBE rows (task ``pairs_unseen``) for the population model and each ``{embedder: kind}``."""
+    """PROBE rows (task ``pairs_unseen``) for the population model and each ``{embedder: kind}``;
+    ``on_fit()`` after each of them (1 + len(embedders) calls)."""
+    done = on_fit or (lambda: None)
     data = PairData(fewshot_dir, encoder_dir)
     first_set = read_fewshot(fewshot_dir, "shot_sets", columns=["pair_ids"]).column(0)[0]
     shots = len(first_set.as_py())  # K, the shots of every set
@@ -102,6 +110,7 @@ def pair_diagnostics(
         with torch.no_grad():
             margin = (shared.weight[0] * basis(torch.cat(list(eval_diffs.values())))).sum(-1)
         rows.append(_row(POPULATION, "population", "bt_population", _accuracy(margin), len(margin), shots))
+        done()
         encoder = None
         if (Path(encoder_dir) / WEIGHTS_FILE).is_file():
             encoder, _ = PreferenceEncoder.load(encoder_dir)
@@ -137,4 +146,5 @@ def pair_diagnostics(
             if margins:
                 m = torch.cat(margins)
                 rows.append(_row(name, kind, method, _accuracy(m), len(m), shots))
+            done()
     return rows

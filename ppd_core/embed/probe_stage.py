@@ -24,6 +24,7 @@ from ppd_core.embed.extract import read_embeddings
 from ppd_core.embed.probe import run_probe
 from ppd_core.manifest import atomic_write_bytes, load_manifest
 from ppd_core.schemas import PROBE as PROBE_SCHEMA
+from ppd_core.stage import Progress, ProgressCount
 
 
 def _archetypes(world_dir: Path | None) -> dict[int, int] | None:
@@ -40,9 +41,14 @@ def probe_stage(
     world_dir: Path | None,
     out_dir: Path,
     encoder_dir: Path | None = None,
+    progress: Progress | None = None,
 ) -> dict:
+    """Probe every embedder's embeddings; ``progress(done, total)`` counts the probes: one per embedder, then,
+    with the encoder's features, the population model and each embedder's held-out pair fit."""
     manifest = load_manifest(embed_dir)
     embedders = manifest.counts["embedders"] if manifest else {}
+    pair_fits = 1 + len(embedders) if encoder_dir is not None else 0  # the population model and each embedder
+    probes = ProgressCount(progress, len(embedders) + pair_fits)
     archetypes = _archetypes(world_dir)
     rows: list[dict] = []
     for name, info in embedders.items():
@@ -62,11 +68,12 @@ def probe_stage(
         rows += [
             {"embedder": name, "kind": kind, **{k: r[k] for k in PROBE_SCHEMA.names[2:]}} for r in results
         ]
+        probes.add()
     if encoder_dir is not None:  # held-out pair accuracy needs the encoder stage's image features
         from ppd_core.embed.pair_probe import pair_diagnostics
 
         kinds = {name: str(info.get("identity", {}).get("kind", "")) for name, info in embedders.items()}
-        rows += pair_diagnostics(cfg, embed_dir, fewshot_dir, encoder_dir, kinds)
+        rows += pair_diagnostics(cfg, embed_dir, fewshot_dir, encoder_dir, kinds, on_fit=probes.add)
     table = pa.Table.from_pylist(rows, schema=PROBE_SCHEMA)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +47,7 @@ from ppd_core.evaluate.generate import (
     embedder_for,
     user_conditions,
 )
+from ppd_core.stage import MapFn
 
 REFERENCE_IMAGES = 512  # dataset images whose reward spread defines "one reward std" per user
 
@@ -115,6 +118,145 @@ def reference_images(ingest_dir: Path, n: int, seed: int) -> np.ndarray:
     return np.stack([np.asarray(im.resize(size)) for im in images])
 
 
+# ------------------------------------------------------------------------------------------ shards
+# Generation batches and reward-scoring batches are shards a stage can map over its workers (threads of this
+# process, or Dask worker processes each on its own device). Each shard is exactly one batch of the serial
+# loop it replaces (``evaluate.batch_size`` images of one model; ``scorers.BATCH_SIZE`` images of one model
+# and reward), with the same per-image seeds, so the images and scores equal the serial ones bit for bit.
+
+
+@dataclass(frozen=True)
+class GenerateShard:
+    model: str
+    start: int
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
+    embeddings: np.ndarray | None  # (B, *shape) float32, None for unconditioned models
+
+
+@dataclass(frozen=True)
+class ScoreShard:
+    model: str
+    reward: str
+    start: int
+    images: np.ndarray  # (B, H, W, 3) uint8
+    prompts: tuple[str, ...]
+    users: tuple[int, ...] | None  # for a per-user reward
+
+
+@dataclass(frozen=True)
+class ShardWork:
+    """The shard function: plain picklable values; a worker process loads the compared models and the
+    rewards once (on its own device when pinned) and keeps them for its later shards."""
+
+    cfg: PPDConfig
+    dirs: tuple[tuple[str, Path], ...]
+    models: tuple[str, ...]
+
+    @property
+    def key(self) -> str:
+        return json.dumps(
+            [self.cfg.model_dump(mode="json"), [(k, str(v)) for k, v in self.dirs], self.models]
+        )
+
+    def __call__(self, shard: GenerateShard | ScoreShard) -> tuple:
+        t0 = time.perf_counter()
+        if isinstance(shard, GenerateShard):
+            models, lock = _process_models(self)
+            with lock:  # the adapters are installed into one shared backbone: one batch at a time
+                images = models.generate(
+                    shard.model, shard.prompts, shard.seeds, shard.embeddings, Settings.from_config(self.cfg)
+                )
+            return shard.model, shard.start, images, time.perf_counter() - t0
+        from ppd_core.rewards.scorers import process_reward
+
+        dirs = dict(self.dirs)
+        spec = next(s for s in self.cfg.evaluate.rewards if s.name == shard.reward)
+        reward = process_reward(spec, dirs.get("tiny_models"), world_dir(dirs))
+        return shard.model, shard.reward, shard.start, reward.score(shard.images, shard.prompts, shard.users)
+
+
+_PROCESS_MODELS: dict[str, tuple[ModelSet, threading.Lock]] = {}
+_PROCESS_MODELS_LOCK = threading.Lock()
+
+
+def _process_models(work: ShardWork) -> tuple[ModelSet, threading.Lock]:
+    with _PROCESS_MODELS_LOCK:
+        if work.key not in _PROCESS_MODELS:
+            _PROCESS_MODELS[work.key] = (
+                ModelSet.load(work.cfg, dict(work.dirs), work.models),
+                threading.Lock(),
+            )
+        return _PROCESS_MODELS[work.key]
+
+
+def generate_sharded(
+    work: ShardWork,
+    models: Sequence[str],
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    embeddings: Mapping[str, np.ndarray],
+    settings: Settings,
+    map_fn: MapFn | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Every model's images (N, H, W, 3) for the requests, in batches of ``settings.batch_size``; and the
+    compute seconds of each model's batches."""
+    step = settings.batch_size
+    shards = [
+        GenerateShard(
+            model,
+            start,
+            tuple(prompts[start : start + step]),
+            tuple(int(s) for s in seeds[start : start + step]),
+            embeddings[model][start : start + step] if model in embeddings else None,
+        )
+        for model in models
+        for start in range(0, len(prompts), step)
+    ]
+    parts: dict[str, dict[int, np.ndarray]] = {m: {} for m in models}
+    spent = dict.fromkeys(models, 0.0)
+    for model, start, batch, seconds in (map_fn or map)(work, shards):
+        parts[model][start] = batch
+        spent[model] += seconds
+    images = {m: np.concatenate([parts[m][k] for k in sorted(parts[m])]) for m in models}
+    return images, {m: round(v, 2) for m, v in spent.items()}
+
+
+def score_sharded(
+    work: ShardWork,
+    rewards: Sequence,
+    images: Mapping[str, np.ndarray],
+    prompts: Sequence[str],
+    users: Sequence[int],
+    map_fn: MapFn | None = None,
+) -> dict[tuple[str, str], np.ndarray]:
+    """(model, reward name) -> scores (N,) of that model's images (as :func:`judging.score_all`), in batches
+    of the rewards' own batch size."""
+    from ppd_core.rewards.scorers import BATCH_SIZE, process_reward
+
+    dirs = dict(work.dirs)
+    specs = {s.name: s for s in work.cfg.evaluate.rewards}
+    for reward in rewards:  # loaded here already: this process's shards reuse them
+        process_reward(specs[reward.name], dirs.get("tiny_models"), world_dir(dirs), loaded=reward)
+    shards = [
+        ScoreShard(
+            model,
+            reward.name,
+            start,
+            imgs[start : start + BATCH_SIZE],
+            tuple(prompts[start : start + BATCH_SIZE]),
+            tuple(int(u) for u in users[start : start + BATCH_SIZE]) if reward.per_user else None,
+        )
+        for model, imgs in images.items()
+        for reward in rewards
+        for start in range(0, len(imgs), BATCH_SIZE)
+    ]
+    scores = {(m, r.name): np.empty(len(imgs)) for m, imgs in images.items() for r in rewards}
+    for model, reward, start, values in (map_fn or map)(work, shards):
+        scores[(model, reward)][start : start + len(values)] = values
+    return scores
+
+
 # ------------------------------------------------------------------------------------------ stage
 
 
@@ -123,11 +265,12 @@ def evaluate_stage(
     dirs: Mapping[str, Path],
     out_dir: Path,
     progress: Callable[[int, int], None] | None = None,
+    map_fn: MapFn | None = None,
 ) -> dict:
     from ppd_core.evaluate import judging, report
     from ppd_core.evaluate.interpolate import interpolation_study
     from ppd_core.rewards.relabel import read_reward_users
-    from ppd_core.rewards.scorers import load_rewards
+    from ppd_core.rewards.scorers import load_rewards, release_process_rewards
 
     out_dir = Path(out_dir)
     world = _world(dirs)
@@ -158,17 +301,23 @@ def evaluate_stage(
         seconds[phase] = round(now - clock[0], 2)
         clock[0] = now
         if progress:
-            progress(len(seconds), len(models) + 3)
+            progress(len(seconds), len(models) + 4)
 
-    images: dict[str, np.ndarray] = {}
+    work = ShardWork(cfg, tuple((k, Path(v)) for k, v in dirs.items()), tuple(models))
+    _PROCESS_MODELS[work.key] = (models_set, threading.Lock())  # this process's shards reuse its models
+    embeddings = {}
     for model in models:
         embedder = embedder_for(cfg, model)
-        emb = None
         if embedder is not None:
             table = conditions(embedder)
-            emb = np.stack([table[u][1] for u in users])  # (N, *shape)
-        images[model] = models_set.generate(model, prompts, seeds, emb, settings)  # (N, H, W, 3)
-        mark(f"generate_{model}")
+            embeddings[model] = np.stack([table[u][1] for u in users])  # (N, *shape)
+    try:
+        images, model_seconds = generate_sharded(work, models, prompts, seeds, embeddings, settings, map_fn)
+    finally:
+        _PROCESS_MODELS.pop(work.key, None)  # the models stay with this body only
+    for model in models:
+        seconds[f"generate_{model}"] = model_seconds[model]  # compute time of its batches
+    mark("generate")
     pq.write_table(
         pa.table(
             {
@@ -181,7 +330,10 @@ def evaluate_stage(
     )
 
     rewards, skipped = load_rewards(cfg.evaluate.rewards, dirs.get("tiny_models"), world_dir(dirs))
-    scores = judging.score_all(rewards, images, prompts, users)  # {(model, reward): (N,)}
+    try:
+        scores = score_sharded(work, rewards, images, prompts, users, map_fn)  # {(model, reward): (N,)}
+    finally:
+        release_process_rewards()
     pq.write_table(judging.scores_table(scores), out_dir / "rewards.parquet")
     primary = judging.primary_reward(rewards)
     ref = reference_images(dirs["ingest"], REFERENCE_IMAGES, cfg.evaluate.seed)

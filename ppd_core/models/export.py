@@ -30,11 +30,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ppd_core.errors import ConfigError, InputError
 from ppd_core.models.adapter import UserAdapter, branch_key, cross_attention_layers
 from ppd_core.models.backbone import Backbone
+from ppd_core.weights import save_safetensors
 
 WEIGHT_NAME = "ip_adapter.safetensors"
 EXPORT_DIR = "export"  # inside a train stage's output
@@ -124,7 +124,7 @@ def export_adapter(
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / WEIGHT_NAME
-    save_file(diffusers_state_dict(adapter, scale), str(weights), metadata=metadata)
+    save_safetensors(diffusers_state_dict(adapter, scale), weights, metadata)  # same weights, same bytes
     if user_embeddings is not None:
         pq.write_table(user_embeddings, out_dir / EMBEDDINGS_NAME)
     (out_dir / CARD_NAME).write_text(

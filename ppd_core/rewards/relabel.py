@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,11 +41,13 @@ import pyarrow.parquet as pq
 from ppd_core.config import RelabelConfig, RewardSpec
 from ppd_core.data.fewshot import read_pairs, unseen_score, write_table
 from ppd_core.schemas import PAIRS, PAIRS_PARTITION, REWARD_USERS
+from ppd_core.stage import MapFn, Progress, ProgressCount
 
 REWARD_USERS_FILE = "reward_users.parquet"
 PAIRS_DIR = "pairs"
 PAIR_ID_HEX = 20  # as ingest's pair ids
 SCORE_CHUNK = 64  # images decoded and scored at a time: memory stays flat whatever rows_per_reward is
+SIDES = ("winner_uid", "loser_uid")
 USER_ID_RANGE = (100_000, 10_000_000)  # where the synthetic world draws its users' ids too
 
 
@@ -87,19 +90,63 @@ def read_reward_users(relabel_dir: str | Path) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------- scoring
 
 
-def _score(reward, store, uids: Sequence[str], prompts: Sequence[str]) -> np.ndarray:
-    """Scores (N,) of the stored images ``uids``: decoded ``SCORE_CHUNK`` at a time (memory stays flat whatever
-    ``rows_per_reward`` is), one batched call per image shape within a chunk (real images vary in size)."""
+def _score_chunk(reward, store, uids: Sequence[str], prompts: Sequence[str]) -> np.ndarray:
+    """Scores of one chunk (at most ``SCORE_CHUNK`` images), one batched call per image shape."""
+    images = [np.asarray(store.get_pil(u).convert("RGB")) for u in uids]
     out = np.empty(len(uids), dtype=np.float64)
-    for start in range(0, len(uids), SCORE_CHUNK):
-        images = [np.asarray(store.get_pil(u).convert("RGB")) for u in uids[start : start + SCORE_CHUNK]]
-        by_shape: dict[tuple, list[int]] = {}
-        for i, image in enumerate(images):
-            by_shape.setdefault(image.shape, []).append(i)
-        for rows in by_shape.values():
-            batch = np.stack([images[i] for i in rows])  # (B, H, W, 3) uint8
-            out[[start + i for i in rows]] = reward.score(batch, [prompts[start + i] for i in rows])
+    by_shape: dict[tuple, list[int]] = {}
+    for i, image in enumerate(images):
+        by_shape.setdefault(image.shape, []).append(i)
+    for rows in by_shape.values():
+        batch = np.stack([images[i] for i in rows])  # (B, H, W, 3) uint8
+        out[rows] = reward.score(batch, [prompts[i] for i in rows])
     return out
+
+
+@dataclass(frozen=True)
+class ScoreShard:
+    """One scoring chunk of one reward: the images of one side (winner or loser) of ``SCORE_CHUNK`` sampled
+    pairs, from ``start``. The unit a stage maps over its workers."""
+
+    reward: str
+    side: str  # "winner_uid" | "loser_uid"
+    start: int
+    uids: tuple[str, ...]
+    prompts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ScoreWork:
+    """What a scoring shard needs, as plain picklable values: each worker process loads the reward once
+    (:func:`~ppd_core.rewards.scorers.process_reward`, on its own device when pinned) and the image store."""
+
+    specs: tuple[RewardSpec, ...]
+    ingest_dir: Path
+    tiny_models_dir: Path | None
+    world_dir: Path | None
+    device: str
+
+    def __call__(self, shard: ScoreShard) -> tuple[str, str, int, list[float]]:
+        from ppd_core.data.images import ingest_images
+        from ppd_core.rewards.scorers import process_reward
+
+        spec = next(s for s in self.specs if s.name == shard.reward)
+        reward = process_reward(spec, self.tiny_models_dir, self.world_dir, self.device)
+        scores = _score_chunk(reward, ingest_images(self.ingest_dir), shard.uids, shard.prompts)
+        return shard.reward, shard.side, shard.start, scores.tolist()  # float64 -> float: exact
+
+
+def score_shards(sample: pa.Table, reward: str, prompts: Sequence[str]) -> list[ScoreShard]:
+    """The scoring shards of one reward's sample: each side in chunks of ``SCORE_CHUNK``, as :func:`_score`."""
+    shards = []
+    for side in ("winner_uid", "loser_uid"):
+        uids = sample[side].to_pylist()
+        for start in range(0, len(uids), SCORE_CHUNK):
+            stop = start + SCORE_CHUNK
+            shards.append(
+                ScoreShard(reward, side, start, tuple(uids[start:stop]), tuple(prompts[start:stop]))
+            )
+    return shards
 
 
 def _sample(pairs: pa.Table, n: int, seed: int, name: str) -> pa.Table:
@@ -160,10 +207,16 @@ def relabel(
     out_dir: Path,
     tiny_models_dir: Path | None = None,
     world_dir: Path | None = None,
+    progress: Progress | None = None,
+    map_fn: MapFn | None = None,
 ) -> dict:
-    """Stage body: relabel a sample of ingested pairs by each reward, write ``out_dir``, return counts."""
+    """Stage body: relabel a sample of ingested pairs by each reward, write ``out_dir``, return counts.
+
+    The scoring chunks (:class:`ScoreShard`) go through ``map_fn(work, shards)`` when given (an orchestrator's
+    workers, results in any order), else run here one after another; the scores are the same either way.
+    ``progress(done, total)`` counts the images scored (two per pair and reward)."""
     from ppd_core.data.images import has_ingest_images, ingest_images
-    from ppd_core.rewards.scorers import load_rewards
+    from ppd_core.rewards.scorers import load_rewards, process_reward, release_process_rewards
 
     ingest_dir, out_dir = Path(ingest_dir), Path(out_dir)
     pairs = read_pairs(ingest_dir)
@@ -179,14 +232,30 @@ def relabel(
         skipped = {s.name: f"{ingest_dir} holds no images (metadata-only ingestion)" for s in specs}
     with_images = with_images.select(PAIRS.names)
     users = reward_user_ids([r.name for r in rewards], set(pairs["user_id"].to_pylist()), cfg.seed)
-    store = ingest_images(ingest_dir) if rewards else None
+    by_name = {s.name: s for s in specs}
+    for reward in rewards:  # this process already has them: its shards (threads, serial) reuse them
+        process_reward(by_name[reward.name], tiny_models_dir, world_dir, cfg.device, loaded=reward)
+    samples = {r.name: _sample(with_images, cfg.rows_per_reward, cfg.seed, r.name) for r in rewards}
+    shards = [
+        shard
+        for name, sample in samples.items()
+        for shard in score_shards(sample, name, [c or "" for c in sample["caption"].to_pylist()])
+    ]
+    work = ScoreWork(
+        tuple(by_name[r.name] for r in rewards), ingest_dir, tiny_models_dir, world_dir, cfg.device
+    )
+    scores = {(r.name, side): np.empty(samples[r.name].num_rows) for r in rewards for side in SIDES}
+    scored = ProgressCount(progress, 2 * sum(s.num_rows for s in samples.values()))
+    try:
+        for name, side, start, values in (map_fn or map)(work, shards):
+            scores[(name, side)][start : start + len(values)] = values
+            scored.add(len(values))
+    finally:
+        release_process_rewards()
     tables, rows = [], []
     for reward in rewards:
-        sample = _sample(with_images, cfg.rows_per_reward, cfg.seed, reward.name)
-        prompts = [c or "" for c in sample["caption"].to_pylist()]
-        winner, loser = (
-            _score(reward, store, sample[c].to_pylist(), prompts) for c in ("winner_uid", "loser_uid")
-        )
+        sample = samples[reward.name]
+        winner, loser = (scores[(reward.name, side)] for side in SIDES)
         table, ties = _orient(sample, winner, loser, reward.name, users[reward.name])
         tables.append(table)
         rows.append(

@@ -32,6 +32,7 @@ from __future__ import annotations
 import abc
 import json
 import re
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -592,6 +593,35 @@ def load_reward(
         return AttributeReward(spec.name, world, digest, spec.attribute)
 
     return _MODEL_LOADERS[spec.kind](spec, _source(spec, tiny_models_dir), resolve_device(device))
+
+
+_PROCESS_REWARDS: dict[tuple, Reward] = {}  # one loaded reward per (spec, dirs, device) in a process
+_PROCESS_REWARDS_LOCK = threading.Lock()
+
+
+def process_reward(
+    spec: RewardSpec,
+    tiny_models_dir: Path | None,
+    world_dir: Path | None,
+    device: str = "cpu",
+    loaded: Reward | None = None,
+) -> Reward:
+    """This process's loaded reward of ``spec``, loaded on first use (a shard worker loads each reward it scores
+    with once; ``loaded``: one the caller has already, which later calls in this process reuse)."""
+    key = (spec.model_dump_json(), str(tiny_models_dir), str(world_dir), str(device))
+    with _PROCESS_REWARDS_LOCK:
+        if loaded is not None:
+            _PROCESS_REWARDS[key] = loaded
+        if key not in _PROCESS_REWARDS:
+            _PROCESS_REWARDS[key] = load_reward(spec, tiny_models_dir, world_dir, device)
+        return _PROCESS_REWARDS[key]
+
+
+def release_process_rewards() -> None:
+    """Drop this process's loaded rewards (:func:`process_reward`): a stage body calls it when its shards are
+    done, so the models do not outlive the stage in the ``ppd`` process."""
+    with _PROCESS_REWARDS_LOCK:
+        _PROCESS_REWARDS.clear()
 
 
 def load_rewards(

@@ -48,3 +48,10 @@ def train_embedder(cfg: PPDConfig, stage: str) -> str:
             )
         return model.embedder(cfg)
     return cfg.embed.default
+
+
+def shard_workers(cfg: PPDConfig) -> int:
+    """How many model-scoring or generation shards run at once (relabel, evaluate): ``run.workers`` Dask
+    worker processes, each holding its own copy of the models on its own device; with threads, none (0):
+    the body runs its batches in its own process, on its one copy of the models, with no per-shard task."""
+    return cfg.run.workers if cfg.run.task_runner == "dask" else 0

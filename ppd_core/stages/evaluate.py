@@ -9,7 +9,7 @@ from pathlib import Path
 from ppd_core.compared import TRAINED
 from ppd_core.config import PPDConfig, stable_fields
 from ppd_core.stage import Stage, StageContext, Summary
-from ppd_core.stages.common import backbone_fields, backbone_stages, has_ceiling, world
+from ppd_core.stages.common import backbone_fields, backbone_stages, has_ceiling, shard_workers, world
 
 
 def upstream(cfg: PPDConfig) -> tuple[str, ...]:
@@ -42,7 +42,7 @@ def section(cfg: PPDConfig) -> dict:
 def run(ctx: StageContext, out: Path) -> dict:
     from ppd_core.evaluate.stage import evaluate_stage
 
-    return evaluate_stage(ctx.cfg, ctx.dirs, out, progress=ctx.progress)
+    return evaluate_stage(ctx.cfg, ctx.dirs, out, progress=ctx.progress, map_fn=ctx.map_fn)
 
 
 def summarize(counts: dict, directory: Path) -> list[Summary]:
@@ -83,6 +83,7 @@ STAGE = Stage(
     section,
     run,
     progress="evaluate steps",
+    workers=shard_workers,
     summarize=summarize,
     tags=("evaluate",),
     brief=_brief,

@@ -10,15 +10,18 @@ from ppd_core.stage import Stage, StageContext, counts_table
 def run(ctx: StageContext, out: Path) -> dict:
     from ppd_core.data.fewshot import sample_fewshot
 
-    return sample_fewshot(ctx.cfg.fewshot, ctx.dirs["ingest"], out, ctx.dirs["relabel"])
+    return sample_fewshot(
+        ctx.cfg.fewshot, ctx.dirs["ingest"], out, ctx.dirs["relabel"], progress=ctx.progress
+    )
 
 
 STAGE = Stage(
     "fewshot",
-    "2",
+    "3",
     lambda cfg: ("ingest", "relabel"),
     lambda cfg: cfg.fewshot,
     run,
+    progress="planned users",
     summarize=counts_table(
         ("pairs_in", "users_seen", "users_unseen", "shot_sets", "train_pairs", "eval_pairs"),
         "ppd-fewshot-summary",

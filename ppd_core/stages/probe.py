@@ -21,7 +21,9 @@ def run(ctx: StageContext, out: Path) -> dict:
     from ppd_core.embed.probe_stage import probe_stage
 
     d = ctx.dirs
-    return probe_stage(ctx.cfg.probe, d["embed"], d["fewshot"], world_dir(d), out, d.get("encoder"))
+    return probe_stage(
+        ctx.cfg.probe, d["embed"], d["fewshot"], world_dir(d), out, d.get("encoder"), progress=ctx.progress
+    )
 
 
 def summarize(c: dict, directory: Path) -> list[Summary]:
@@ -34,5 +36,13 @@ def _brief(c: dict) -> str:
 
 
 STAGE = Stage(
-    "probe", "2", upstream, lambda cfg: cfg.probe, run, summarize=summarize, tags=("embed",), brief=_brief
+    "probe",
+    "2",
+    upstream,
+    lambda cfg: cfg.probe,
+    run,
+    progress="probes fitted",
+    summarize=summarize,
+    tags=("embed",),
+    brief=_brief,
 )

@@ -7,7 +7,7 @@ from pathlib import Path
 from ppd_core.config import PPDConfig, stable_fields
 from ppd_core.data.world_render import world_dir
 from ppd_core.stage import Stage, StageContext, Summary
-from ppd_core.stages.common import world
+from ppd_core.stages.common import shard_workers, world
 
 
 def upstream(cfg: PPDConfig) -> tuple[str, ...]:
@@ -30,7 +30,14 @@ def run(ctx: StageContext, out: Path) -> dict:
 
     d = ctx.dirs
     return relabel(
-        ctx.cfg.relabel, ctx.cfg.relabel_rewards(), d["ingest"], out, d.get("tiny_models"), world_dir(d)
+        ctx.cfg.relabel,
+        ctx.cfg.relabel_rewards(),
+        d["ingest"],
+        out,
+        d.get("tiny_models"),
+        world_dir(d),
+        progress=ctx.progress,
+        map_fn=ctx.map_fn,
     )
 
 
@@ -46,6 +53,8 @@ STAGE = Stage(
     upstream,
     section,
     run,
+    progress="scored images",
+    workers=shard_workers,
     summarize=summarize,
     tags=("data",),
     brief=lambda c: f"{len(c['reward_users'])} reward users, {c['rows']:,} relabelled pairs",

@@ -10,7 +10,7 @@ from ppd_core.stage import Stage, StageContext, Summary, no_upstream
 def run(ctx: StageContext, out: Path) -> dict:
     from ppd_core.data.synthetic import synthesize
 
-    return synthesize(ctx.cfg.world, out)
+    return synthesize(ctx.cfg.world, out, progress=ctx.progress)
 
 
 def summarize(c: dict, directory: Path) -> list[Summary]:
@@ -29,6 +29,7 @@ STAGE = Stage(
     no_upstream,
     lambda cfg: cfg.world,
     run,
+    progress="rendered images",
     summarize=summarize,
     tags=("data",),
     brief=lambda c: f"{c['rows']:,} rows of {c['users']} users",

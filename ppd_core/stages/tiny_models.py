@@ -11,7 +11,7 @@ from ppd_core.stage import Stage, StageContext, no_upstream
 def run(ctx: StageContext, out: Path) -> dict:
     from ppd_core.tiny import build_tiny_models
 
-    return build_tiny_models(ctx.cfg.tiny_models, out)
+    return build_tiny_models(ctx.cfg.tiny_models, out, progress=ctx.progress)
 
 
 STAGE = Stage(
@@ -20,6 +20,7 @@ STAGE = Stage(
     no_upstream,
     lambda cfg: cfg.tiny_models,
     run,
+    progress="built models",
     tags=("models",),
     brief=lambda c: f"{len(c['models'])} offline models, random weights by design",
 )

@@ -10,8 +10,9 @@ from one constant embedding (dpo, sft), user-embedding dropout to the null user,
 reference per-sample MSE, the loss, ``engine.backward``/``engine.step``. Noise, timesteps and dropout
 come from a generator seeded by (seed, step, rank), and the pair order is a pure function of the
 step, so ``resume: latest`` after ``kill -9`` continues exactly: rank 0 first drops what the killed attempt
-logged after the resumed checkpoint (``metrics.jsonl`` and ``validation.jsonl`` lines past its step,
-TensorBoard events through ``purge_step``), so every step is in the logs once.
+logged after the resumed checkpoint (``metrics.jsonl`` and ``validation.jsonl`` lines past its step), and
+TensorBoard's event file is rewritten to hold what was logged through that step (the writer is flushed
+before every checkpoint), so every step is in the logs once and TensorBoard's history is one file.
 
 A rank ends itself when the process that launched training is gone (:func:`launch.exit_with_parent`), and
 holds the run's ranks lock while it runs (:func:`launch.hold_as_rank`).
@@ -23,7 +24,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +34,7 @@ import torch
 from ppd_core.config import BETA_DPO_DEFAULTS, PPDConfig
 from ppd_core.data.fewshot import read_fewshot
 from ppd_core.embed.extract import read_embeddings
-from ppd_core.manifest import atomic_write_json, truncate_jsonl
+from ppd_core.manifest import atomic_write_json, resume_tensorboard, truncate_jsonl
 from ppd_core.models.factory import load_backbone
 from ppd_core.train import checkpoint, launch
 from ppd_core.train.cache import LatentCache
@@ -268,10 +268,10 @@ class RunLog:
         self.run_dir, self.active = run_dir, rank == 0
         self.writer = self.bar = None
         if self.active:
-            from torch.utils.tensorboard import SummaryWriter
             from tqdm.auto import tqdm
 
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"), **forget_after(run_dir, start))
+            forget_after(run_dir, start)
+            self.writer = resume_tensorboard(run_dir / "tensorboard", start)
             self.bar = tqdm(
                 total=steps, initial=start, desc=label, unit="step", disable=None, mininterval=1.0
             )
@@ -293,6 +293,11 @@ class RunLog:
             f.write(json.dumps({"step": step, "heldout_implicit_acc": heldout_acc}) + "\n")
         if math.isfinite(heldout_acc):
             self.writer.add_scalar("val/heldout_implicit_acc", heldout_acc, step)
+
+    def flush(self) -> None:
+        """Before a checkpoint: what was logged up to it is on disk, for a run resumed from it."""
+        if self.active:
+            self.writer.flush()
 
     def advance(self) -> None:
         if self.active:
@@ -391,22 +396,19 @@ def _after_step(cfg, me: Rank, backbone, run: Run, done: int, m: dict, beta: flo
         if log.active:
             validation_grid(backbone, adapter, run.data, run.eval_rows, cfg, done, run.run_dir, log.writer)
     if done % t.checkpoint_every == 0 or done == t.steps:
+        log.flush()
         checkpoint.save(
             run.engine, run.run_dir / "checkpoints", done, me.rank, me.barrier, t.keep_checkpoints
         )
     log.advance()
 
 
-def forget_after(run_dir: Path, start: int) -> dict:
-    """Rank 0, before training from step ``start``: drop what an interrupted attempt logged past it, so a
-    resumed run logs every step once. Returns the SummaryWriter options: from scratch the old event files
-    are removed; on resume TensorBoard discards their events past ``start`` (``purge_step``)."""
+def forget_after(run_dir: Path, start: int) -> None:
+    """Rank 0, before training from step ``start``: drop the lines that an interrupted attempt logged past it
+    (all of them from scratch), so that a resumed run logs every step once. TensorBoard's events are
+    treated alike when its writer opens (:func:`~ppd_core.manifest.resume_tensorboard`)."""
     for name in ("metrics.jsonl", "validation.jsonl"):
         truncate_jsonl(run_dir / name, start)
-    if start == 0:
-        shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
-        return {}
-    return {"purge_step": start + 1}  # steps 1..start were logged before the checkpoint at start
 
 
 def _finish(cfg, spec, adapter, backbone, data: TrainData, run_dir: Path, step_times, data_times) -> None:

@@ -422,6 +422,65 @@ def test_adding_users_leaves_existing_users_outputs_unchanged():
     assert b["shot_sets"].num_rows > a["shot_sets"].num_rows
 
 
+# ------------------------------------------------------------------------ stability under new days
+
+
+def dated_pairs(counts: dict[int, int], days: int, salt: str = "") -> pa.Table:
+    """Like ``make_pairs`` (captions repeat), each pair on a pseudo-random one of ``days`` days."""
+    table = make_pairs(counts, salt=salt)
+    when = [
+        START + dt.timedelta(days=int(hashlib.sha1(p.encode()).hexdigest(), 16) % days, hours=1)
+        for p in table["pair_id"].to_pylist()
+    ]
+    return table.set_column(
+        table.schema.get_field_index("created_at"), "created_at", pa.array(when, pa.timestamp("ns"))
+    )
+
+
+def up_to(pairs: pa.Table, day: int) -> pa.Table:
+    """The pairs created before day ``day`` (counted from START)."""
+    return pairs.filter(
+        pa.compute.less(pairs["created_at"], pa.scalar(START + dt.timedelta(days=day), pa.timestamp("ns")))
+    )
+
+
+@pytest.mark.parametrize(
+    "cfg", [CFG, FewshotConfig(), CFG.model_copy(update={"unseen_fraction": 0.6, "shots": 3})]
+)
+def test_later_days_keep_every_existing_set_and_form_new_ones(cfg):
+    counts = {200 + u: n for u, n in enumerate(np.linspace(5, 160, 40).astype(int))}
+    pairs = dated_pairs(counts, days=15)
+    steps = [fewshot.build_fewshot(cfg, up_to(pairs, d)) for d in (5, 10, 11, 15)]
+    for before, after in zip(steps[:-1], steps[1:], strict=True):
+        old, new = (rows_by(t["shot_sets"], "shot_set_id") for t in (before, after))
+        assert all(new[sid] == rows for sid, rows in old.items()), "an existing set changed or vanished"
+        assert len(new) > len(old)
+        split = {u["user_id"]: u["split"] for u in after["users"].to_pylist()}
+        for u in before["users"].to_pylist():
+            assert u["split"] in ("excluded", split[u["user_id"]])
+        # a seen user's evaluation pairs stay evaluation pairs (never trained on, never in a later set)
+        new_eval = set(after["eval_pairs"]["pair_id"].to_pylist())
+        old_eval = [e for e in before["eval_pairs"].to_pylist() if e["split"] == "seen"]
+        assert old_eval and all(e["pair_id"] in new_eval for e in old_eval)
+    # one pass over all days gives what growing day by day gave
+    final = fewshot.build_fewshot(cfg, pairs)
+    for name in fewshot.OUTPUT_SCHEMAS:
+        assert final[name].equals(steps[-1][name]), name
+
+
+def test_sets_follow_creation_days_and_a_seeded_order_within_a_day():
+    cfg = CFG.model_copy(update={"unseen_fraction": 0.0, "heldout_pairs_per_user": 0})
+    pairs = dated_pairs({7: 60}, days=6)
+    day = {r["pair_id"]: r["created_at"].date() for r in pairs.to_pylist()}
+    sets = fewshot.build_fewshot(cfg, pairs)["shot_sets"].sort_by("set_index").to_pylist()
+    flat = [p for s in sets for p in s["pair_ids"]]
+    assert [day[p] for p in flat] == sorted(day[p] for p in flat)  # earlier days first
+    first_day = [p for p in flat if day[p] == min(day.values())]
+    assert first_day == sorted(first_day, key=lambda p: fewshot.order_key(cfg.seed, p))
+    other = fewshot.build_fewshot(cfg.model_copy(update={"seed": 3}), pairs)["shot_sets"]
+    assert set(other["shot_set_id"].to_pylist()) != {s["shot_set_id"] for s in sets}
+
+
 # ------------------------------------------------------------------------------------ bad input
 
 

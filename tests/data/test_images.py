@@ -201,6 +201,24 @@ def test_store_reads_back_byte_identical(tmp_path):
         store.get_bytes("nope")
 
 
+def test_union_store_reads_every_directory_and_the_first_copy_of_a_shared_uid(tmp_path):
+    days = [
+        {"a": image_bytes(1, size=20), "b": image_bytes(2, size=20), "c": image_bytes(3, size=20)},
+        {"d": image_bytes(4, size=20), "b": image_bytes(2, size=20)},  # "b" again (image reuse across days)
+        {"e": image_bytes(5, size=20)},
+    ]
+    for i, images in enumerate(days):
+        _written(tmp_path / f"day{i}", images, max_images=2)  # shards of the same names in every day
+    union = ImageStore.union([tmp_path / f"day{i}" for i in range(3)])
+    assert union.uids == ["a", "b", "c", "d", "e"] and len(union) == 5 and union.index.num_rows == 5
+    for images in days:
+        for uid, data in images.items():
+            assert union.get_bytes(uid) == data
+    assert len(union.shard_urls) == 4 and len(set(union.shard_urls)) == 4
+    single = ImageStore.union([tmp_path / "day0"])
+    assert single.uids == ImageStore(tmp_path / "day0").uids
+
+
 def test_get_array_needs_a_size_for_mixed_sizes(tmp_path):
     _written(tmp_path, {"a": image_bytes(1, size=16), "b": image_bytes(2, size=24)}, max_images=10)
     store = ImageStore(tmp_path)

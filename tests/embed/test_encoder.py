@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from ppd_core import pipeline
 from ppd_core.config import load_config
@@ -169,6 +170,12 @@ def test_a_killed_encoder_stage_resumes_to_the_same_weights(tmp_path):
     assert resumed["resumed_from_step"] == 40 and resumed["features"]["resumed"] > 0
     steps = [json.loads(x)["step"] for x in (partial / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps))  # the killed run's lines after step 40 are not repeated
+    events = list((partial / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1  # TensorBoard's history is one file, its steps once each
+    history = [(e.step, v.tag) for e in EventFileLoader(str(events[0])).Load() for v in e.summary.value]
+    assert len(history) == len(set(history)) and {s for s, tag in history if tag == "encoder/bt_loss"} == set(
+        steps
+    )
     whole = pipeline.run_stages(_cfg(tmp_path / "whole"), ["encoder"])["encoder"].directory
     assert _weights(partial) == _weights(whole)
 

@@ -154,3 +154,52 @@ def test_report_is_written_for_people(evaluated):
     for link in links:
         assert (out / link).is_file(), link
     assert text.count("interpolation between reward users") >= 1
+
+
+def test_generation_and_scoring_shards_over_worker_processes_equal_the_serial_loop(small_run):
+    """The evaluate batches as shards, mapped over two spawned worker processes (results in any order):
+    images and reward scores equal the one-process loop bit for bit."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from pathlib import Path
+
+    import numpy as np
+
+    from ppd_core.data.world_render import world_dir
+    from ppd_core.evaluate import judging
+    from ppd_core.evaluate.generate import ModelSet, Settings, averaged_users, embedder_for, user_conditions
+    from ppd_core.evaluate.stage import ShardWork, generate_sharded, score_sharded
+    from ppd_core.rewards.scorers import load_rewards
+
+    cfg, outcomes = small_run
+    cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"batch_size": 3})})
+    dirs = {name: Path(o.directory) for name, o in outcomes.items()}
+    requests = pq.read_table(outcomes["evaluate"].directory / "requests.parquet")
+    users, prompts = requests.column("user_id").to_pylist(), requests.column("prompt").to_pylist()
+    seeds = requests.column("seed").to_pylist()
+    models = ["base", "ppd", "dpo"]
+    table = user_conditions(dirs["embed"], embedder_for(cfg, "ppd"), averaged_users(cfg, dirs["fewshot"]))
+    embeddings = {"ppd": np.stack([table[u][1] for u in users])}
+    settings = Settings.from_config(cfg)
+    serial_models = ModelSet.load(cfg, dirs, models)
+    expected = {m: serial_models.generate(m, prompts, seeds, embeddings.get(m), settings) for m in models}
+    rewards, _ = load_rewards(cfg.evaluate.rewards, dirs.get("tiny_models"), world_dir(dirs))
+    expected_scores = judging.score_all(rewards, expected, prompts, users)
+
+    work = ShardWork(cfg, tuple(dirs.items()), tuple(models))
+    batches = []
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+
+        def reversed_map(fn, shards):
+            batches.append(len(shards))
+            return reversed(list(pool.map(fn, shards)))
+
+        images, seconds = generate_sharded(work, models, prompts, seeds, embeddings, settings, reversed_map)
+        scores = score_sharded(work, rewards, images, prompts, users, reversed_map)
+    assert batches[0] == len(models) * -(-len(prompts) // 3) > len(models)  # several batches per model
+    assert set(seconds) == set(models)
+    for m in models:
+        assert images[m].tobytes() == expected[m].tobytes(), m
+    assert set(scores) == set(expected_scores)
+    for key, values in expected_scores.items():
+        assert scores[key].tobytes() == values.tobytes(), key

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from ppd_core.data.partitions import read_status
 from ppd_core.manifest import is_complete, load_manifest
@@ -234,10 +235,24 @@ def test_a_failed_day_is_reported_and_rerun_alone(ppd, ppd_json, tmp_path):
     assert [r["state"] for r in retried["partitions"]] == ["completed"] * 3
 
 
+def test_backfill_then_stages_runs_them_over_the_union_of_the_range(ppd_json, pickapic_source, tmp_path):
+    root = tmp_path / "run"
+    report = _backfill(ppd_json, root, pickapic_source, DAYS[0], DAYS[1], "--stages", "ingest")
+    assert report["ok"] and _submitted(report) == list(DAYS[:2])
+    (ingest,) = report["stages"]
+    assert ingest["name"] == "ingest" and ingest["partitions"]["computed"] == []  # the backfill did them
+    assert ingest["counts"]["days"] == 2 and ingest["counts"]["kept_rows"] == 2 * ROWS_PER_DAY
+    assert yaml.safe_load((root / "run_config.yaml").read_text())["ingest"]["end"] == DAYS[1]
+    # a partitioned run over the whole source adds the third day only and a new union
+    more = ppd_json("run", "--root", root, "--source", pickapic_source, "--stages", "ingest", "--partitioned")
+    assert more["stages"][0]["partitions"]["computed"] == [DAYS[2]]
+    assert more["stages"][0]["output_dir"] != ingest["output_dir"]
+
+
 @pytest.mark.parametrize(
     ("command", "options"),
     [
-        ("backfill", ["--config", "--root", "--source", "--start", "--end", "--force", "--json"]),
+        ("backfill", ["--config", "--root", "--source", "--start", "--end", "--force", "--stages", "--json"]),
         ("status", ["--root", "--json"]),
         ("ui", ["--root", "--port"]),
         ("serve", ["--root", "--config"]),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -117,9 +119,72 @@ def test_state_follows_outputs_and_processes(pickapic_source, tmp_path):
     assert load_manifest(plan.directory).partition == plan.partition and is_complete(plan.directory)
     assert parts.run_partition(cfg, plan)["reused"]
     assert parts.complete_partitions(tmp_path) == [plan.directory]
-    pset = parts.partition_set(tmp_path)
-    assert pset.pairs_dirs == [plan.directory / "pairs"] and len(pset.digest) == 64
 
     (plan.directory / "quarantine" / "part-00000.parquet").unlink()  # a damaged output is not complete
     assert parts.partition_state(tmp_path, plan.day, plan.fingerprint)["state"] == "missing"
     assert parts.complete_partitions(tmp_path) == []
+
+
+def test_partitioned_ingest_stage_is_the_union_of_the_days_and_a_failed_day_stops_it(
+    pickapic_source, tmp_path
+):
+    """The plain-Python driver: days first (a failed one named, the others kept), then the union, which
+    readers see as the same pairs and images as one full ingest of the source."""
+    from ppd_core import pipeline
+    from ppd_core.data.fewshot import read_pairs
+    from ppd_core.data.images import ingest_images
+    from ppd_core.data.union import UNION_FILE, is_union
+    from tests.ops.test_backfill import _damage_column
+
+    source, root = tmp_path / "source", tmp_path / "run"
+    for f in pickapic_source.iterdir():
+        (source / f.name).parent.mkdir(exist_ok=True)
+        (source / f.name).write_bytes(f.read_bytes())
+    late = source / "train-00001.parquet"  # sorted by day, one-day row groups: row group 0 is day 1
+    st = late.stat()
+    original = _damage_column(late, "caption")
+    cfg = load_config(
+        None, [f"run.root={root}", f"ingest.source={source}", "ingest.partitioned=true"], environ={}
+    )
+    with pytest.raises(parts.PartitionsFailed, match=DAYS[0]) as failed:
+        pipeline.run_stages(cfg, ["ingest"])
+    assert "not a readable Parquet file" in str(failed.value) and "a rerun retries" in str(failed.value)
+    states = {r["day"]: r["state"] for r in parts.status_table(root)}
+    assert states == {DAYS[0]: "failed", DAYS[1]: "completed", DAYS[2]: "completed"}
+    assert not any(p.is_dir() and not p.name.startswith(".") for p in (root / "ingest").glob("*"))
+
+    late.write_bytes(original)
+    os.utime(late, ns=(st.st_atime_ns, st.st_mtime_ns))
+    out = pipeline.run_stages(cfg, ["ingest"])["ingest"]
+    assert is_union(out.directory) and set(out.manifest.files) == {UNION_FILE}
+    counts = out.manifest.counts
+    assert (counts["days"], counts["kept_rows"], counts["rows_without_created_at"]) == (
+        3,
+        3 * ROWS_PER_DAY,
+        0,
+    )
+    full = ingest(cfg.ingest, resolve_source(str(source)), tmp_path / "full")
+    assert full["kept_rows"] == counts["kept_rows"]
+    assert read_pairs(out.directory).equals(read_pairs(tmp_path / "full"))
+    union, whole = ingest_images(out.directory), ingest_images(tmp_path / "full")
+    assert sorted(union.uids) == sorted(whole.uids)
+    assert all(union.get_bytes(u) == whole.get_bytes(u) for u in whole.uids)
+    assert [r["state"] for r in parts.status_table(root)] == ["completed"] * 3
+
+    # a day rewritten under the union is an error for its readers, never a silent gap
+    day = sorted((root / "partitions" / "ingest").glob("created_date=*/*/manifest.json"))[1]
+    shutil.rmtree(day.parent)
+    with pytest.raises(StageError, match="gone or was rewritten"):
+        read_pairs(out.directory)
+    assert parts.status_table(root)[1]["state"] == "missing"
+
+
+def test_status_table_lists_planned_days_without_output_as_missing(pickapic_source, tmp_path):
+    cfg = _cfg(tmp_path, pickapic_source)
+    plans = parts.plan_partitions(cfg, FIRST, LAST)
+    assert parts.status_table(tmp_path) == []
+    parts.record_plans(tmp_path, plans[:2])
+    parts.run_partition(cfg, plans[0])
+    rows = parts.status_table(tmp_path)
+    assert [(r["day"], r["state"]) for r in rows] == [(DAYS[0], "completed"), (DAYS[1], "missing")]
+    assert parts.read_planned(tmp_path) == {p.day: p.fingerprint for p in plans[:2]}

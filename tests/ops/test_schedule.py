@@ -43,6 +43,7 @@ def test_deploy_file_defines_valid_scheduled_deployments():
     assert [s["name"] for s in specs] == NAMES
     for spec in specs:
         pipeline.expand(spec["parameters"]["stages"], cfg)  # every stage name exists
+        assert spec["parameters"]["partitioned"] is True  # the days' partitions, as ppd backfill writes them
         assert [s.cron for s in schedules_of(spec)] and spec[
             "entrypoint"
         ] == "flows/pipeline.py:pipeline_flow"

@@ -158,3 +158,34 @@ def test_a_parquet_source_with_a_tiny_model_reward_gets_a_reward_user(tmp_path):
         users[uid]["split"] == "seen"
         and users[uid]["num_pairs"] == counts["reward_users"]["aesthetic"]["rows"]
     )
+
+
+def test_scoring_chunks_over_worker_processes_equal_the_serial_result(world_run, tmp_path):
+    """The scoring chunks mapped over two spawned worker processes (any picklable-function executor, results
+    in any order) give the serial output byte for byte."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    cfg, out = world_run
+    world = world_dir({"synthesize": out["synthesize"].directory})
+    calls = []
+
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+
+        def reversed_map(work, shards):
+            calls.append(len(shards))
+            return reversed(list(pool.map(work, shards)))
+
+        counts = relabel(
+            cfg.relabel,
+            cfg.relabel_rewards(),
+            out["ingest"].directory,
+            tmp_path,
+            world_dir=world,
+            map_fn=reversed_map,
+        )
+    assert calls == [3 * 2 * 2]  # 3 rewards x 2 sides x 2 chunks of at most 64 of the 100 pairs
+    assert counts == out["relabel"].manifest.counts
+    serial = out["relabel"].directory
+    for rel in out["relabel"].manifest.files:
+        assert (tmp_path / rel).read_bytes() == (serial / rel).read_bytes(), rel

@@ -253,20 +253,64 @@ def test_a_new_launch_waits_for_ranks_of_an_earlier_one(tmp_path):
 
 def test_resume_forgets_what_was_logged_past_the_checkpoint(tmp_path):
     """Rank 0 resuming at the step-4 checkpoint keeps steps 1..4 of the logs once (a killed attempt had logged
-    5 and half of 6); from scratch (no checkpoint) it starts the logs and TensorBoard afresh."""
+    5 and half of 6); from scratch (no checkpoint) it starts the logs afresh."""
     from ppd_core.train.worker import forget_after
 
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("".join(f'{{"step": {s}, "loss": 0.5}}\n' for s in range(1, 6)) + '{"step": 6, "lo')
     (tmp_path / "validation.jsonl").write_text('{"step": 2, "acc": 0.5}\n{"step": 4, "acc": 0.6}\n')
-    (tmp_path / "tensorboard").mkdir()
-    (tmp_path / "tensorboard" / "events.out.tfevents.1").write_bytes(b"x")
-    assert forget_after(tmp_path, 4) == {"purge_step": 5}  # TensorBoard hides the old events from step 5 on
+    forget_after(tmp_path, 4)
     assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == [1, 2, 3, 4]
     assert len((tmp_path / "validation.jsonl").read_text().splitlines()) == 2  # both at or before step 4
-    assert (tmp_path / "tensorboard" / "events.out.tfevents.1").exists()
-    assert forget_after(tmp_path, 0) == {}
-    assert metrics.read_text() == "" and not (tmp_path / "tensorboard").exists()
+    forget_after(tmp_path, 0)
+    assert metrics.read_text() == "" and (tmp_path / "validation.jsonl").read_text() == ""
+
+
+def _tensorboard(directory):
+    """(event file names, [(step, tag)] in file order)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    files = sorted(directory.glob("events.out.tfevents.*"))
+    history = [
+        (e.step, v.tag) for f in files for e in EventFileLoader(str(f)).Load() for v in e.summary.value
+    ]
+    return [f.name for f in files], history
+
+
+def test_resumed_tensorboard_is_one_file_with_each_step_once(tmp_path):
+    """Two killed attempts left two event files (the second resumed at step 2 and logged 3..5 again, its last
+    record cut short); resuming at the step-4 checkpoint leaves one file with steps 1..4 once, to which the
+    resumed run appends; a resume killed right after rewriting the history is merged again."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from ppd_core.manifest import resume_tensorboard
+
+    tb = tmp_path / "tensorboard"
+    for steps in (range(1, 6), range(3, 6)):
+        writer = SummaryWriter(str(tb))
+        for step in steps:
+            writer.add_scalar("train/loss", 1.0 / step, step)
+        writer.close()
+        time.sleep(1.1)  # event file names carry the second they were created in
+    newest = sorted(tb.glob("events.out.tfevents.*"))[-1]
+    newest.write_bytes(newest.read_bytes()[:-7])  # a kill in the middle of a record
+    writer = resume_tensorboard(tb, 4)
+    names, history = _tensorboard(tb)
+    assert len(names) == 1 and history == [(s, "train/loss") for s in (1, 2, 3, 4)]
+    for step in (5, 6):
+        writer.add_scalar("train/loss", 1.0 / step, step)
+    writer.close()
+    names, history = _tensorboard(tb)
+    assert len(names) == 1 and history == [(s, "train/loss") for s in range(1, 7)]
+    # killed between writing the merged history and removing the earlier file: two copies, merged next time
+    copy = tb / f"events.out.tfevents.{int(time.time()) + 5}.copy"
+    copy.write_bytes((tb / names[0]).read_bytes())
+    resume_tensorboard(tb, 6).close()
+    names, history = _tensorboard(tb)
+    assert len(names) == 1 and history == [(s, "train/loss") for s in range(1, 7)]
+    resume_tensorboard(tb, 0).close()  # from scratch: nothing earlier is kept
+    names, history = _tensorboard(tb)
+    assert len(names) == 1 and history == []
 
 
 def test_rng_file_loads_with_weights_only_and_restores_exactly(tmp_path):

@@ -150,8 +150,24 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(prepared, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    export = Path("export") / "ip_adapter.safetensors"  # byte for byte: two processes wrote them
+    assert (straight / export).read_bytes() == (killed / export).read_bytes()
     # what the killed attempt logged past its checkpoint was dropped before the resumed steps were logged
     resumed_lines = [json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines()]
     assert resumed_lines == [1, 2, 3, 4, 5, 6]
     validated = [json.loads(x)["step"] for x in (killed / "validation.jsonl").read_text().splitlines()]
     assert validated == [3, 6]
+    # TensorBoard: one event file, the uninterrupted run's (step, tag) history, nothing twice
+    (events,) = (killed / "tensorboard").glob("events.out.tfevents.*")
+    history = _tensorboard_history(events)
+    assert len(history) == len(set(history))
+    assert set(history) == set(
+        _tensorboard_history(*(straight / "tensorboard").glob("events.out.tfevents.*"))
+    )
+    assert {step for step, tag in history if tag == "train/loss"} == set(range(1, 7))
+
+
+def _tensorboard_history(path: Path) -> list[tuple[int, str]]:
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    return [(e.step, v.tag) for e in EventFileLoader(str(path)).Load() for v in e.summary.value]
