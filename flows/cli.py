@@ -128,6 +128,8 @@ def _print_report(report: list[dict], root: str) -> None:
         if r.get("partitions"):
             days = r["partitions"]
             result = f"{len(days['computed'])} of {days['days']} days ingested now; {result}"
+        if r.get("joint_with"):
+            result = f"{result} (one launch with {', '.join(r['joint_with'])})"
         table.add_row(r["name"], "cached" if r["cached"] else "computed", f"{r['seconds']:.1f}", result)
     out.print(table)
     out.print(

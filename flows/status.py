@@ -73,8 +73,9 @@ def _flow_names(client, flow_ids: set) -> dict:
     return {f.id: f.name for f in flows}
 
 
-def _stage_of(task_run) -> str:
-    return task_run.name.rsplit("-", 1)[0]
+def _stages_of(task_run) -> list[str]:
+    """The stages a task run built: its own, or those of a joint task ("train_ppd+train_dpo-<n>")."""
+    return task_run.name.rsplit("-", 1)[0].split("+")
 
 
 def _stage_rows(task_runs: list, root: str) -> list[dict[str, Any]]:
@@ -82,15 +83,16 @@ def _stage_rows(task_runs: list, root: str) -> list[dict[str, Any]]:
     per-day ingest tasks of backfills are left out: the partition table covers the latter)."""
     latest: dict[str, Any] = {}
     for tr in task_runs:  # newest first
-        if _stage_of(tr) in stage_names():
-            latest.setdefault(_stage_of(tr), tr)
+        for stage in _stages_of(tr):
+            if stage in stage_names():
+                latest.setdefault(stage, tr)
     stages = [s for s in stage_names() if s in latest]
     return [_stage_row(stage, latest[stage], root) for stage in stages]
 
 
 def _stage_row(stage: str, tr, root: str) -> dict[str, Any]:
     state = tr.state
-    summary = _persisted_summary(state)
+    summary = _persisted_summary(state, stage)
     directory = summary.get("directory") or _newest_output(root, stage)
     counts = summary.get("counts")
     if counts is None and directory and is_complete(directory):
@@ -109,14 +111,17 @@ def _stage_row(stage: str, tr, root: str) -> dict[str, Any]:
     }
 
 
-def _persisted_summary(state) -> dict[str, Any]:
-    """The dict a stage task returned, read back from result storage (empty when unavailable)."""
+def _persisted_summary(state, stage: str) -> dict[str, Any]:
+    """The dict a stage task returned for ``stage`` (a joint task returns one per stage), read back from
+    result storage (empty when unavailable)."""
     if state is None or not state.is_completed():
         return {}
     try:
         value = state.result(raise_on_failure=False)
     except Exception:  # result record gone or unreadable: the manifest stands in
         return {}
+    if isinstance(value, list):  # a joint task's results
+        value = next((v for v in value if isinstance(v, dict) and v.get("stage") == stage), None)
     return value if isinstance(value, dict) else {}
 
 

@@ -243,6 +243,69 @@ class StageOutcome:
     reused: bool
 
 
+class StageBuild:
+    """One stage output being reused or built (:func:`building`): ``outcome`` is set when it was complete;
+    otherwise write into ``partial`` and :meth:`commit` the counts."""
+
+    def __init__(self, final: Path, partial: Path | None, outcome: StageOutcome | None, commit_fn=None):
+        self.final, self.partial, self.outcome, self._commit = final, partial, outcome, commit_fn
+
+    def commit(self, counts: Mapping[str, Any]) -> StageOutcome:
+        self.outcome = StageOutcome(self._commit(counts), self.final, reused=False)
+        return self.outcome
+
+
+@contextlib.contextmanager
+def building(
+    layout: RunLayout,
+    stage: str,
+    fingerprint: str,
+    *,
+    code_version: str,
+    config: Mapping[str, Any],
+    upstream: Mapping[str, str],
+    resume: bool = False,
+    partition: str | None = None,
+    force: bool = False,
+    on_wait: Callable[[str], None] | None = None,
+):
+    """The reuse-or-build protocol of :func:`run_stage` as a block, so that several outputs can be held and
+    built together (one lock each, taken in the caller's order)::
+
+        with building(layout, stage, fp, ...) as b:
+            if b.outcome is None:
+                b.commit(build(b.partial))
+    """
+    final = layout.stage_dir(stage, fingerprint, partition)
+    if not force and is_complete(final):
+        yield StageBuild(final, None, StageOutcome(load_manifest(final), final, reused=True))
+        return
+    what = f"{stage} {fingerprint}" + (f" ({partition})" if partition else "")
+    with locks.hold(layout.lock_path(stage, fingerprint, partition), on_wait=on_wait, what=what):
+        if not force and is_complete(final):  # built by whoever held the lock before us
+            yield StageBuild(final, None, StageOutcome(load_manifest(final), final, reused=True))
+            return
+        partial = prepare_partial(
+            layout.partial_dir(stage, fingerprint, partition), resume=resume and not force
+        )
+        yield StageBuild(
+            final,
+            partial,
+            None,
+            lambda counts: commit(
+                partial,
+                final,
+                stage=stage,
+                fingerprint=fingerprint,
+                code_version=f"{__version__}/{stage}.v{code_version}",
+                config=config,
+                upstream=upstream,
+                counts=counts,
+                partition=partition,
+            ),
+        )
+
+
 def run_stage(
     layout: RunLayout,
     stage: str,
@@ -269,29 +332,21 @@ def run_stage(
     (``on_wait(message)`` is told once) and then, finding it complete, reuses it. A holder that dies
     releases the lock, and the next one resumes or clears what it left in the partial directory.
     """
-    final = layout.stage_dir(stage, fingerprint, partition)
-    if not force and is_complete(final):
-        return StageOutcome(load_manifest(final), final, reused=True)
-    what = f"{stage} {fingerprint}" + (f" ({partition})" if partition else "")
-    with locks.hold(layout.lock_path(stage, fingerprint, partition), on_wait=on_wait, what=what):
-        if not force and is_complete(final):  # built by whoever held the lock before us
-            return StageOutcome(load_manifest(final), final, reused=True)
-        partial = prepare_partial(
-            layout.partial_dir(stage, fingerprint, partition), resume=resume and not force
-        )
-        counts = build(partial)
-        manifest = commit(
-            partial,
-            final,
-            stage=stage,
-            fingerprint=fingerprint,
-            code_version=f"{__version__}/{stage}.v{code_version}",
-            config=config,
-            upstream=upstream,
-            counts=counts,
-            partition=partition,
-        )
-    return StageOutcome(manifest, final, reused=False)
+    with building(
+        layout,
+        stage,
+        fingerprint,
+        code_version=code_version,
+        config=config,
+        upstream=upstream,
+        resume=resume,
+        partition=partition,
+        force=force,
+        on_wait=on_wait,
+    ) as b:
+        if b.outcome is None:
+            b.commit(build(b.partial))
+    return b.outcome
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ manifest digests.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any
 from ppd_core.config import PPDConfig, fingerprint
 from ppd_core.errors import StageError
 from ppd_core.layout import RunLayout
-from ppd_core.manifest import Manifest, StageOutcome, run_stage
+from ppd_core.manifest import Manifest, StageOutcome, building, run_stage
 from ppd_core.stage import MapFn, Progress, Stage, StageContext
 from ppd_core.stages import STAGES
 from ppd_core.stages.common import backbone_stages, has_ceiling, train_embedder  # noqa: F401 (re-exported)
@@ -134,16 +135,87 @@ def execute(
     )
 
 
+def execute_joint(
+    cfg: PPDConfig,
+    plans: Sequence[StagePlan],
+    upstream: Mapping[str, Manifest],
+    progress: Progress | None = None,
+    on_wait: Callable[[str], None] | None = None,
+) -> dict[str, StageOutcome]:
+    """Run (or reuse) several planned stages that share a joint body (``Stage.joint``), e.g. the train stages:
+    each keeps its own output, lock, partial directory (kept for resume), manifest and reuse, exactly as
+    :func:`execute` would, but the ones not yet complete are built by one call of the joint body.
+
+    The locks are taken in pipeline order, so two processes running overlapping groups cannot deadlock.
+    ``upstream`` holds the manifests every one of them reads."""
+    plans = sorted(plans, key=lambda p: stage_names().index(p.stage))
+    specs = [stage(p.stage) for p in plans]
+    if len(plans) == 1 or specs[0].joint is None or any(s.joint is not specs[0].joint for s in specs):
+        raise StageError(f"stages {', '.join(p.stage for p in plans)} have no joint body in common")
+    layout = RunLayout(cfg.run.root)
+    dirs = {u: layout.stage_dir(u, m.fingerprint) for u, m in upstream.items()}
+    with contextlib.ExitStack() as stack:
+        builds = [
+            stack.enter_context(
+                building(
+                    layout,
+                    p.stage,
+                    p.fingerprint,
+                    code_version=s.version,
+                    config=cfg.model_dump(mode="json"),
+                    upstream=p.upstream,
+                    resume=s.resumable,
+                    on_wait=on_wait,
+                )
+            )
+            for p, s in zip(plans, specs, strict=True)
+        ]
+        due = [(p, b) for p, b in zip(plans, builds, strict=True) if b.outcome is None]
+        if len(due) == 1:
+            p, b = due[0]
+            b.commit(stage(p.stage).run(StageContext(cfg, dirs, p.inputs, progress), b.partial))
+        elif due:
+            names = [p.stage for p, _ in due]
+            contexts = [StageContext(cfg, dirs, p.inputs, progress) for p, _ in due]
+            counts = specs[0].joint(names, contexts, [b.partial for _, b in due])
+            for (_, b), c in zip(due, counts, strict=True):
+                b.commit(c)
+    return {p.stage: b.outcome for p, b in zip(plans, builds, strict=True)}
+
+
+def joint_groups(cfg: PPDConfig, stages: Sequence[str]) -> list[list[str]]:
+    """``stages`` (in pipeline order) cut into the groups that run together: consecutive stages sharing a
+    joint body (``Stage.joint``) and reading the same upstream form one group; every other stage is alone."""
+    groups: list[list[str]] = []
+    for name in stages:
+        spec, last = stage(name), groups[-1] if groups else None
+        if (
+            last
+            and spec.joint is not None
+            and stage(last[0]).joint is spec.joint
+            and upstream_of(last[0], cfg) == upstream_of(name, cfg)
+        ):
+            last.append(name)
+        else:
+            groups.append([name])
+    return groups
+
+
 def run_stages(cfg: PPDConfig, stages: Sequence[str] | None = None) -> dict[str, StageOutcome]:
-    """Plain-Python driver (no Prefect): run or reuse the requested stages and their upstream."""
+    """Plain-Python driver (no Prefect): run or reuse the requested stages and their upstream; consecutive
+    stages with a joint body (the train stages) that are due together are built in one go."""
     outcomes: dict[str, StageOutcome] = {}
-    for stage in expand(stages, cfg):
-        manifests = {u: outcomes[u].manifest for u in upstream_of(stage, cfg)}
-        if stage == "ingest" and cfg.ingest.partitioned:  # the days first: the union is planned from them
+    for group in joint_groups(cfg, expand(stages, cfg)):
+        manifests = {u: outcomes[u].manifest for u in upstream_of(group[0], cfg)}
+        if group[0] == "ingest" and cfg.ingest.partitioned:  # the days first: the union is planned from them
             from ppd_core.data.partitions import ingest_window
 
             ingest_window(cfg, {u: o.directory for u, o in outcomes.items()})
-        outcomes[stage] = execute(cfg, plan(cfg, stage, manifests), manifests)
+        plans = [plan(cfg, s, manifests) for s in group]
+        if len(group) == 1:
+            outcomes[group[0]] = execute(cfg, plans[0], manifests)
+        else:
+            outcomes.update(execute_joint(cfg, plans, manifests))
     return outcomes
 
 

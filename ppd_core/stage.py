@@ -64,7 +64,10 @@ class Stage:
     - ``resolve(cfg, dirs) -> (inputs, extra)``: work done once at planning, given the upstream output
       directories, e.g. listing source files; ``inputs`` reach the body as ``ctx.inputs`` and ``extra``
       joins the fingerprint (new or changed files re-run it);
-    - ``brief(counts)``: the one count that matters, in words, for the console.
+    - ``brief(counts)``: the one count that matters, in words, for the console;
+    - ``joint(names, contexts, outs) -> [counts]``: builds several due stages sharing this body in one go
+      (e.g. the train stages in one launch), each into its own partial directory, with the same results as
+      ``run`` on each; :func:`ppd_core.pipeline.execute_joint` uses it.
     """
 
     name: str
@@ -79,6 +82,7 @@ class Stage:
     tags: tuple[str, ...] = ()
     resolve: Callable[[PPDConfig, Mapping[str, Path]], tuple[dict, dict]] | None = None
     brief: Callable[[dict], str] | None = None
+    joint: Callable[[Sequence[str], Sequence[StageContext], Sequence[Path]], list[dict]] | None = None
 
     def describe(self, counts: dict) -> str:
         """The one line a person reads about a result (``brief``); empty when the counts lack its keys."""

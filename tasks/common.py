@@ -74,15 +74,8 @@ def progress_reporter(description: str, every: float = 0.02):
     return report
 
 
-def run_stage_body(
-    config: PPDConfig,
-    plan: pipeline.StagePlan,
-    upstream_dirs: dict[str, str],
-    progress=None,
-    map_fn=None,
-) -> dict[str, Any]:
-    """Execute one planned stage; returns a small JSON-able summary (persisted as the task result). The plan
-    was made once, by the flow; the upstream outputs it was made from must still be the complete ones."""
+def upstream_manifests(plan: pipeline.StagePlan, upstream_dirs: dict[str, str]) -> dict:
+    """The manifests of the upstream outputs ``plan`` was made from, which must still be the complete ones."""
     manifests = {}
     for name, directory in upstream_dirs.items():
         m = load_manifest(directory)
@@ -91,10 +84,11 @@ def run_stage_body(
         if plan.upstream.get(name) != m.digest:
             raise StageError(f"{plan.stage}: the {name} output changed after {plan.stage} was planned")
         manifests[name] = m
-    t0 = time.perf_counter()
-    # a second run on the root waits here while another process computes this output, then reuses it
-    on_wait = get_run_logger().info
-    outcome = pipeline.execute(config, plan, manifests, progress=progress, map_fn=map_fn, on_wait=on_wait)
+    return manifests
+
+
+def outcome_summary(plan: pipeline.StagePlan, outcome, seconds: float) -> dict[str, Any]:
+    """A stage outcome as the small JSON-able summary a task returns (persisted as its result)."""
     return {
         "stage": plan.stage,
         "directory": str(outcome.directory),
@@ -102,5 +96,38 @@ def run_stage_body(
         "digest": outcome.manifest.digest,
         "counts": outcome.manifest.counts,
         "reused": outcome.reused,
-        "seconds": round(time.perf_counter() - t0, 3),
+        "seconds": round(seconds, 3),
     }
+
+
+def run_stage_body(
+    config: PPDConfig,
+    plan: pipeline.StagePlan,
+    upstream_dirs: dict[str, str],
+    progress=None,
+    map_fn=None,
+) -> dict[str, Any]:
+    """Execute one planned stage; returns its :func:`outcome_summary`. The plan was made once, by the flow;
+    the upstream outputs it was made from must still be the complete ones."""
+    manifests = upstream_manifests(plan, upstream_dirs)
+    t0 = time.perf_counter()
+    # a second run on the root waits here while another process computes this output, then reuses it
+    on_wait = get_run_logger().info
+    outcome = pipeline.execute(config, plan, manifests, progress=progress, map_fn=map_fn, on_wait=on_wait)
+    return outcome_summary(plan, outcome, time.perf_counter() - t0)
+
+
+def run_joint_body(
+    config: PPDConfig, plans: list[pipeline.StagePlan], upstream_dirs: dict[str, str], progress=None
+) -> list[dict[str, Any]]:
+    """Execute planned stages that share a joint body together (:func:`ppd_core.pipeline.execute_joint`);
+    returns each one's :func:`outcome_summary`, in the order of ``plans``."""
+    manifests = upstream_manifests(plans[0], upstream_dirs)
+    for p in plans[1:]:
+        upstream_manifests(p, upstream_dirs)
+    t0 = time.perf_counter()
+    outcomes = pipeline.execute_joint(
+        config, plans, manifests, progress=progress, on_wait=get_run_logger().info
+    )
+    seconds = time.perf_counter() - t0
+    return [outcome_summary(p, outcomes[p.stage], seconds) for p in plans]

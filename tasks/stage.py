@@ -17,7 +17,7 @@ from ppd_core import pipeline
 from ppd_core.config import PPDConfig, RunConfig
 from ppd_core.stage import Summary
 from ppd_core.stages import STAGES
-from tasks.common import TASK_OPTIONS, progress_reporter, retry_if_transient, run_stage_body
+from tasks.common import TASK_OPTIONS, progress_reporter, retry_if_transient, run_joint_body, run_stage_body
 from tasks.runners import PinSpec, pin_this_worker, task_runner
 
 
@@ -80,6 +80,35 @@ def stage_task(config: PPDConfig, plan: pipeline.StagePlan, upstream_dirs: dict[
         for summary in spec.summarize(result["counts"], Path(result["directory"])):
             publish(summary)
     return result
+
+
+@task(**{**TASK_OPTIONS, "cache_policy": NO_CACHE})
+def joint_task(
+    config: PPDConfig, plans: list[pipeline.StagePlan], upstream_dirs: dict[str, str]
+) -> list[dict]:
+    """Execute planned stages that share a joint body (the due train stages: one DeepSpeed launch) as one
+    task; each keeps its own output and manifest, and its summary is published as its own task would.
+    Never cached as a whole: the flow sends here only the stages whose outputs are not complete."""
+    # one progress artifact per stage, as their own tasks would show (the runs step together)
+    reporters = [progress_reporter(STAGES[p.stage].progress) for p in plans if STAGES[p.stage].progress]
+
+    def progress(done: int, total: int) -> None:
+        for report in reporters:
+            report(done, total)
+
+    results = run_joint_body(config, plans, upstream_dirs, progress=progress if reporters else None)
+    for result in results:
+        summarize = STAGES[result["stage"]].summarize
+        for summary in summarize(result["counts"], Path(result["directory"])) if summarize else []:
+            publish(summary)
+    return results
+
+
+def joint_task_for(stages: list[str]) -> Task:
+    """The task that builds ``stages`` together, named after them joined by "+" (``ppd status`` reads
+    its run as a run of each)."""
+    tags = sorted({t for s in stages for t in STAGES[s].tags})
+    return joint_task.with_options(name="+".join(stages), tags=["ppd", "joint", *tags])
 
 
 def task_for(stage: str) -> Task:

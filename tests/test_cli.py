@@ -247,6 +247,48 @@ def test_kill_9_of_ppd_ends_training_and_the_rerun_logs_each_step_once(tmp_path)
     assert {step for tag, step in history if tag == "train/loss"} == set(range(1, 13))
 
 
+@pytest.mark.slow  # about 4 minutes on 2 cores: the data stages, then two train stages in one launch
+def test_due_train_stages_train_in_one_launch_each_recorded(tmp_path):
+    """``ppd run`` of two due train stages: one task (one DeepSpeed launch) builds both, each still has its
+    own output, report line, progress artifact and ``ppd status`` row; a complete one is never retrained."""
+    root = tmp_path / "run"
+    setup = [*TRAIN[:-3], "--set", "train.steps=4", "--set", "train.checkpoint_every=2"]
+    args = ["--root", str(root), *setup, "--stages", "train_ppd,train_dpo"]
+    first = run_json(*args)
+    assert first["train_ppd"]["joint_with"] == ["train_dpo"] and first["train_dpo"]["joint_with"] == [
+        "train_ppd"
+    ]
+    exports = {}
+    for name in ("train_ppd", "train_dpo"):
+        out = Path(first[name]["output_dir"])
+        assert not first[name]["cached"] and (out / "manifest.json").is_file()
+        assert first[name]["counts"]["steps"] == 4
+        spec = json.loads((out / "train_spec.json").read_text())
+        assert [r["trainer"] for r in spec["runs"]] == ["ppd", "dpo"]  # the one launch trained both
+        exports[name] = (out / "export" / "ip_adapter.safetensors").read_bytes()
+    assert exports["train_ppd"] != exports["train_dpo"]
+    finished = {a["description"] for a in progress_artifacts(root) if a["data"] == 100}
+    assert {"train_ppd steps", "train_dpo steps"} <= finished
+    status = {s["name"]: s for s in json.loads(ppd("status", "--root", str(root), "--json").stdout)["stages"]}
+    for name in ("train_ppd", "train_dpo"):
+        assert (
+            status[name]["output_dir"] == first[name]["output_dir"] and status[name]["counts"]["steps"] == 4
+        )
+
+    second = run_json(*args)
+    assert all(s["cached"] for s in second.values()) and not any("joint_with" in s for s in second.values())
+
+    # one output gone: only it is trained again (alone), to the same bytes; the other stays cached
+    shutil.rmtree(first["train_dpo"]["output_dir"])
+    third = run_json(*args)
+    assert third["train_ppd"]["cached"] and not third["train_dpo"]["cached"]
+    assert "joint_with" not in third["train_dpo"]
+    out = Path(third["train_dpo"]["output_dir"])
+    assert out == Path(first["train_dpo"]["output_dir"])
+    assert "runs" not in json.loads((out / "train_spec.json").read_text())  # a launch of its own
+    assert (out / "export" / "ip_adapter.safetensors").read_bytes() == exports["train_dpo"]
+
+
 def test_config_errors_name_the_source_of_the_value():
     proc = ppd("config", "show", "--set", "world.num_users=lots", check=False)
     assert proc.returncode == 2 and "(from --set world.num_users)" in proc.stderr

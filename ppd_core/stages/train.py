@@ -3,6 +3,7 @@ user adapter fine-tuned with that model's objective through DeepSpeed, then expo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
@@ -34,6 +35,20 @@ def run(stage: str, ctx: StageContext, out: Path) -> dict:
     )
 
 
+def run_joint(stages: Sequence[str], contexts: Sequence[StageContext], outs: Sequence[Path]) -> list[dict]:
+    """The train stages ``stages`` in one launch (:func:`ppd_core.train.stage.train_stages`)."""
+    from ppd_core.train.stage import train_stages
+
+    ctx = contexts[0]
+    if any(c.dirs != ctx.dirs for c in contexts):
+        raise ValueError("train stages trained in one launch must read the same upstream outputs")
+    runs = [
+        (TRAINED[s].trainer, train_embedder(c.cfg, s), out)
+        for s, c, out in zip(stages, contexts, outs, strict=True)
+    ]
+    return train_stages(ctx.cfg, runs, dict(ctx.dirs), progress=ctx.progress)
+
+
 def summarize(stage: str, c: dict, directory: Path) -> list[Summary]:
     return [
         Summary(
@@ -56,6 +71,7 @@ def train_stage_for(stage: str) -> Stage:
         summarize=partial(summarize, stage),
         tags=("train", "gpu"),
         brief=lambda c: f"{c['steps']} steps, held-out implicit accuracy {c['heldout_implicit_acc']:.3f}",
+        joint=run_joint,
     )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 import threading
 from pathlib import Path
@@ -59,35 +60,65 @@ def train_stage(
 ) -> dict:
     """Launch the ranks for ``trainer`` conditioned on ``embedder`` (default: ``cfg.embed.default``);
     ``progress(step, steps)`` is called every few seconds from the rank-0 metrics log."""
-    ranks_lock = launch.ranks_lock_path(out_dir)
-    # ranks of an earlier launch (whose ppd was killed) must be gone before anything here is written again
-    launch.wait_for_ranks(ranks_lock, on_wait=lambda message: print(message, file=sys.stderr, flush=True))
+    return train_stages(cfg, [(trainer, embedder, out_dir)], dirs, progress)[0]
+
+
+def train_stages(
+    cfg: PPDConfig, runs: list[tuple[str, str | None, Path]], dirs: dict[str, Path], progress=None
+):
+    """Train several runs ``(trainer, embedder, out_dir)`` in one launch: the ranks load the backbone and
+    latent cache once and train every run on the same batches (:mod:`ppd_core.train.worker`), each
+    bit-for-bit as it would train alone. Every run directory gets the spec, the launch log and its own
+    results; returns each run's counts. ``progress(step, steps)`` follows the first run's metrics log."""
+    out_dirs = [Path(out) for _, _, out in runs]
+    locks = [launch.ranks_lock_path(out) for out in out_dirs]
+    for lock in locks:
+        # ranks of an earlier launch (whose ppd was killed) must be gone before anything here is written again
+        launch.wait_for_ranks(lock, on_wait=lambda message: print(message, file=sys.stderr, flush=True))
     spec = {
         "config": cfg.model_dump(mode="json"),
-        "trainer": trainer,
-        "embedder": embedder or cfg.embed.default,
-        "run_dir": str(out_dir),
         "dirs": {k: str(v) for k, v in dirs.items()},
-        "ranks_lock": str(ranks_lock),
+        "runs": [
+            {
+                "trainer": trainer,
+                "embedder": embedder or cfg.embed.default,
+                "run_dir": str(out),
+                "ranks_lock": str(lock),
+            }
+            for (trainer, embedder, out), lock in zip(runs, locks, strict=True)
+        ],
     }
-    spec_path = out_dir / "train_spec.json"
-    atomic_write_json(spec_path, spec)
+    if len(runs) == 1:  # a launch of one run keeps its flat spec
+        spec = {k: v for k, v in spec.items() if k != "runs"} | spec["runs"][0]
+    for out in out_dirs:
+        atomic_write_json(out / "train_spec.json", spec)
     t = cfg.train
+    first = out_dirs[0]
     cmd, env = launch.rank_command(
-        t.launcher, "ppd_core.train.worker", ["--spec", str(spec_path)], t.num_gpus, t.hostfile
+        t.launcher,
+        "ppd_core.train.worker",
+        ["--spec", str(first / "train_spec.json")],
+        t.num_gpus,
+        t.hostfile,
     )
     env["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", "cpu") if not _has_cuda() else "cuda"
-    watcher = _MetricsWatcher(out_dir / "metrics.jsonl", t.steps, progress) if progress else None
+    watcher = _MetricsWatcher(first / "metrics.jsonl", t.steps, progress) if progress else None
     if watcher:
         watcher.start()
     try:
-        launch.run(cmd, out_dir / "launch.log", env=env)
+        launch.run(cmd, first / "launch.log", env=env)
     finally:
         if watcher:
             watcher.done.set()
             watcher.join(10)
-    summary = json.loads((out_dir / "summary.json").read_text())
-    return {k: v for k, v in summary.items() if k != "heldout_curve"}
+        for out in out_dirs[1:]:  # the shared launch log, in every run directory
+            if (first / "launch.log").exists():
+                shutil.copyfile(first / "launch.log", out / "launch.log")
+    counts = []
+    for out in out_dirs:
+        summary = json.loads((out / "summary.json").read_text())
+        counts.append({k: v for k, v in summary.items() if k != "heldout_curve"})
+    return counts
 
 
 def _has_cuda() -> bool:

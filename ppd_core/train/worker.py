@@ -25,7 +25,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,7 @@ from ppd_core.manifest import atomic_write_json, resume_tensorboard, truncate_js
 from ppd_core.models.factory import load_backbone
 from ppd_core.train import checkpoint, launch
 from ppd_core.train.cache import LatentCache
-from ppd_core.train.objectives import OBJECTIVES, Objective
+from ppd_core.train.objectives import OBJECTIVES, Objective, draw, reference_mse
 from ppd_core.train.sampler import PairSampler
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,13 +68,15 @@ def ds_config(cfg: PPDConfig, pairs_per_rank: int) -> dict:
 class TrainData:
     """Training pairs with their x0, text states and conditioning embeddings."""
 
-    def __init__(self, spec: dict, objective: Objective, device: torch.device):
+    def __init__(self, spec: dict, objective: Objective, device: torch.device, like: TrainData | None = None):
         dirs = {k: Path(v) for k, v in spec["dirs"].items()}
-        pairs = read_fewshot(dirs["fewshot"], "train_pairs")
-        self.pairs = pairs.to_pylist()
-        if not self.pairs:
-            raise RuntimeError("no training pairs")
-        self.cache = LatentCache(dirs["cache_latents"], device).preload()
+        if like is not None:  # another run of the same launch: the same pairs and latent cache
+            self.pairs, self.cache = like.pairs, like.cache
+        else:
+            self.pairs = read_fewshot(dirs["fewshot"], "train_pairs").to_pylist()
+            if not self.pairs:
+                raise RuntimeError("no training pairs")
+            self.cache = LatentCache(dirs["cache_latents"], device).preload()
         table, emb = read_embeddings(dirs["embed"], spec["embedder"])
         self.embedding_shape = tuple(emb.shape[1:])
         self.by_set = {sid: i for i, sid in enumerate(table.column("shot_set_id").to_pylist())}
@@ -96,12 +98,16 @@ class TrainData:
         return self.embeddings[torch.as_tensor([self.by_set[s] for s in ids], device=self.device)]
 
     def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        rows = [self.pairs[i] for i in indices]
-        x0 = self.cache.get(
-            "image", [r["winner_uid"] for r in rows] + [r["loser_uid"] for r in rows]
-        )  # (2P, C, H, W)
-        text = self.cache.get("text", [r["caption"] for r in rows] * 2)  # (2P, T, D)
+        """x0, text states and this objective's conditioning of the pairs ``indices``."""
+        rows, x0, text = self.shared_batch(indices)
         return x0, text, self.condition(rows)
+
+    def shared_batch(self, indices: np.ndarray) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
+        """The pairs, their x0 (2P, C, H, W) and their text states (2P, T, D) as [winners | losers]."""
+        rows = [self.pairs[i] for i in indices]
+        x0 = self.cache.get("image", [r["winner_uid"] for r in rows] + [r["loser_uid"] for r in rows])
+        text = self.cache.get("text", [r["caption"] for r in rows] * 2)
+        return rows, x0, text
 
 
 @torch.no_grad()
@@ -185,18 +191,73 @@ def join_job() -> Rank:
     return Rank(torch.distributed.get_rank(), world, device)
 
 
-def build(cfg: PPDConfig, spec: dict, objective: Objective, device: torch.device):
-    """The frozen backbone, the training data and a fresh adapter installed on the backbone."""
+def load_frozen(cfg: PPDConfig, spec: dict, device: torch.device):
+    """The frozen backbone every run of the launch trains an adapter on."""
     dirs = spec["dirs"]
     backbone = load_backbone(cfg.backbone, Path(dirs["pretrain"]) if dirs.get("pretrain") else None, device)
     for module in backbone.networks().values() if hasattr(backbone, "networks") else [backbone.denoiser]:
         module.requires_grad_(False).eval()
-    data = TrainData(spec, objective, device)
+    return backbone
+
+
+@dataclass
+class Run:
+    """One trained model of the launch: its objective, data view, engine, log and where it starts."""
+
+    spec: dict
+    objective: Objective
+    run_dir: Path
+    data: TrainData
+    engine: object
+    start: int
+    rng: dict
+    eval_rows: list[dict]
+    log: RunLog | None = None
+    step_times: list[float] = field(default_factory=list)
+    data_times: list[float] = field(default_factory=list)
+
+    @property
+    def adapter(self):
+        return self.engine.module
+
+
+def run_specs(spec: dict) -> list[dict]:
+    """The runs a spec asks for: ``spec["runs"]`` (each with its trainer, embedder and run_dir), or the
+    spec itself for a launch of one run."""
+    shared = {k: v for k, v in spec.items() if k != "runs"}
+    return [{**shared, **r} for r in spec["runs"]] if spec.get("runs") else [spec]
+
+
+def start_run(cfg: PPDConfig, spec: dict, me: Rank, backbone, like: TrainData | None) -> Run:
+    """A run's adapter (fresh, seeded by ``train.seed``) in its own DeepSpeed engine, resumed from its newest
+    complete checkpoint when ``train.resume`` is latest. Leaves the global RNG as the run alone would see it."""
+    import deepspeed
+
+    from ppd_core.train.checkpoint import capture_rng, restore_rng
+
+    objective = OBJECTIVES[spec["trainer"]]
+    data = TrainData(spec, objective, me.device, like)
     adapter = backbone.new_adapter(
         data.embedding_shape, num_tokens=cfg.adapter.num_tokens, rows=cfg.adapter.rows, seed=cfg.train.seed
     )
     backbone.install_adapter(adapter)
-    return backbone, data, adapter
+    engine, _, _, _ = deepspeed.initialize(
+        model=adapter,
+        model_parameters=list(adapter.parameters()),
+        config=ds_config(cfg, cfg.train.pairs_per_step // me.world),
+    )
+    run_dir, start = Path(spec["run_dir"]), 0
+    if cfg.train.resume == "latest":
+        loaded = checkpoint.load(engine, run_dir / "checkpoints", me.rank)
+        if loaded is not None:
+            start, rng = loaded
+            restore_rng(rng["global"])
+    t = cfg.train
+    eval_rows = read_fewshot(spec["dirs"]["fewshot"], "eval_pairs").to_pylist()
+    eval_rows = [r for r in eval_rows if r["split"] == "seen" and r["user_id"] in data.user_first_set][
+        : t.heldout_pairs
+    ]
+    return Run(spec, objective, run_dir, data, engine, start, capture_rng(), eval_rows)
 
 
 class RunLog:
@@ -257,76 +318,89 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     launch.exit_with_parent()
     spec = json.loads(args.spec.read_text())
-    if spec.get("ranks_lock"):
-        launch.hold_as_rank(Path(spec["ranks_lock"]))
+    specs = run_specs(spec)
+    for s in specs:
+        if s.get("ranks_lock"):
+            launch.hold_as_rank(Path(s["ranks_lock"]))
     cfg = PPDConfig.model_validate(spec["config"])
-    objective, run_dir = OBJECTIVES[spec["trainer"]], Path(spec["run_dir"])
-
-    import deepspeed
 
     me = join_job()
-    backbone, data, adapter = build(cfg, spec, objective, me.device)
-    engine, _, _, _ = deepspeed.initialize(
-        model=adapter,
-        model_parameters=list(adapter.parameters()),
-        config=ds_config(cfg, cfg.train.pairs_per_step // me.world),
-    )
-    start = 0
-    if cfg.train.resume == "latest":
-        loaded = checkpoint.load(engine, run_dir / "checkpoints", me.rank)
-        if loaded is not None:
-            start, rng = loaded
-            checkpoint.restore_rng(rng["global"])
-    step_times, data_times = train(cfg, spec, me, backbone, data, engine, start, run_dir)
+    backbone = load_frozen(cfg, spec, me.device)
+    from ppd_core.train.checkpoint import capture_rng, restore_rng
+
+    rng_at_start, runs = capture_rng(), []
+    for s in specs:
+        restore_rng(rng_at_start)  # each run starts from the global RNG state it would have had alone
+        runs.append(start_run(cfg, s, me, backbone, runs[0].data if runs else None))
+    train(cfg, me, backbone, runs)
     if me.rank == 0:
-        _finish(cfg, spec, engine.module, backbone, data, run_dir, step_times, data_times)
+        for run in runs:
+            backbone.install_adapter(run.adapter)
+            _finish(
+                cfg, run.spec, run.adapter, backbone, run.data, run.run_dir, run.step_times, run.data_times
+            )
     me.barrier()
 
 
-def train(cfg, spec, me: Rank, backbone, data: TrainData, engine, start: int, run_dir: Path):
-    """Steps ``start`` .. ``train.steps``: the objective's loss, logging, validation and checkpoints;
-    returns the step and data-loading times."""
+def train(cfg, me: Rank, backbone, runs: list[Run]) -> None:
+    """Steps from each run's start to ``train.steps``: one batch and one draw of noise, timesteps and null
+    mask per step, the reference error once, then each run's loss, logging, validation and checkpoints.
+    Each run sees exactly what it would see trained alone (its own global RNG state is swapped in)."""
+    from ppd_core.train.checkpoint import capture_rng, restore_rng
+
     t = cfg.train
     beta = t.beta_dpo if t.beta_dpo is not None else BETA_DPO_DEFAULTS[cfg.backbone.kind]
+    data = runs[0].data
     sampler = PairSampler(len(data.pairs), t.pairs_per_step, t.seed, me.rank, me.world)
-    eval_rows = read_fewshot(spec["dirs"]["fewshot"], "eval_pairs").to_pylist()
-    eval_rows = [r for r in eval_rows if r["split"] == "seen" and r["user_id"] in data.user_first_set][
-        : t.heldout_pairs
-    ]
-    log = RunLog(run_dir, me.rank, start, t.steps, f"train {data.objective.name}")
-    adapter = engine.module
-    adapter.train()
-    step_times: list[float] = []
-    data_times: list[float] = []
-    for step in range(start, t.steps):
+    for run in runs:
+        run.log = RunLog(run.run_dir, me.rank, run.start, t.steps, f"train {run.objective.name}")
+        run.adapter.train()
+    for step in range(min(r.start for r in runs), t.steps):
+        due = [r for r in runs if r.start <= step]
         t0 = time.perf_counter()
-        x0, text, emb = data.batch(sampler.batch(step))
+        rows, x0, text = data.shared_batch(sampler.batch(step))
         t1 = time.perf_counter()
         g = torch.Generator(device=me.device).manual_seed(int(t.seed * 1_000_003 + step * 1009 + me.rank))
-        loss, m = data.objective.loss(
-            backbone, adapter, x0, text, emb, beta, g, cfg.adapter.embedding_dropout, cfg.adapter.scale
+        drawn = draw(backbone, x0, len(rows), g, cfg.adapter.embedding_dropout)
+        ref = reference_mse(backbone, drawn, text) if any(r.objective.needs_reference for r in due) else None
+        shared_s = time.perf_counter() - t0
+        for run in due:
+            t2 = time.perf_counter()
+            restore_rng(run.rng)
+            backbone.install_adapter(run.adapter)
+            emb = run.data.condition(rows)
+            loss, m = run.objective.loss_on(
+                backbone, run.adapter, drawn, text, emb, beta, cfg.adapter.scale, ref
+            )
+            run.engine.backward(loss)
+            run.engine.step()
+            run.step_times.append(shared_s + time.perf_counter() - t2)
+            run.data_times.append(t1 - t0)
+            _after_step(cfg, me, backbone, run, step + 1, m, beta)
+            run.rng = capture_rng()
+    for run in runs:
+        run.log.close()
+
+
+def _after_step(cfg, me: Rank, backbone, run: Run, done: int, m: dict, beta: float) -> None:
+    """A run's logging, validation and checkpoint after step ``done``."""
+    t, adapter, log = cfg.train, run.adapter, run.log
+    if done % t.log_every == 0 or done == t.steps:
+        step_s = float(np.mean(run.step_times[-t.log_every :]))
+        log.metrics(done, {"lr": run.engine.get_lr()[0], **m, "step_s": step_s})
+    if done % t.validate_every == 0 or done == t.steps:
+        adapter.eval()
+        acc = heldout_accuracy(backbone, adapter, run.data, run.eval_rows, beta, t.seed, cfg.adapter.scale)
+        adapter.train()
+        log.validation(done, acc)
+        if log.active:
+            validation_grid(backbone, adapter, run.data, run.eval_rows, cfg, done, run.run_dir, log.writer)
+    if done % t.checkpoint_every == 0 or done == t.steps:
+        log.flush()
+        checkpoint.save(
+            run.engine, run.run_dir / "checkpoints", done, me.rank, me.barrier, t.keep_checkpoints
         )
-        engine.backward(loss)
-        engine.step()
-        step_times.append(time.perf_counter() - t0)
-        data_times.append(t1 - t0)
-        done = step + 1
-        if done % t.log_every == 0 or done == t.steps:
-            step_s = float(np.mean(step_times[-t.log_every :]))
-            log.metrics(done, {"lr": engine.get_lr()[0], **m, "step_s": step_s})
-        if done % t.validate_every == 0 or done == t.steps:
-            adapter.eval()
-            acc = heldout_accuracy(backbone, adapter, data, eval_rows, beta, t.seed, cfg.adapter.scale)
-            adapter.train()
-            log.validation(done, acc)
-            if log.active:
-                validation_grid(backbone, adapter, data, eval_rows, cfg, done, run_dir, log.writer)
-        if done % t.checkpoint_every == 0 or done == t.steps:
-            log.flush()
-            checkpoint.save(engine, run_dir / "checkpoints", done, me.rank, me.barrier, t.keep_checkpoints)
-        log.advance()
-    log.close()
-    return step_times, data_times
+    log.advance()
 
 
 def forget_after(run_dir: Path, start: int) -> None:
