@@ -494,8 +494,9 @@ class PretrainConfig(Section):
     steps: int = Field(
         600,
         ge=1,
-        description="Optimizer steps (measured on 2 cores: 1000 x 64 gives recognisable shapes, 600 is enough "
-        "for colours and most shapes and keeps make demo within its time budget).",
+        description="Optimizer steps (measured on 2 cores, about 0.6 s per step: 600 x 64 draws the caption's "
+        "colour 99% of the time; 300 steps gave 40% at lr 1e-3 and 85% at 3e-3, with sample sizes off by 5 train "
+        "std, so the demo keeps 600, its largest single cost).",
     )
     batch_size: int = Field(64, ge=1, description="Images per step.")
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
