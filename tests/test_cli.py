@@ -97,6 +97,11 @@ def test_config_show_resolves_overrides():
         (["config", "show", "--config", "nope.yaml"], "config file not found"),
         (["run", "--stages", "ingest,teleport"], "unknown stage"),
         (["run", "--source", "/nonexistent/pickapic", "--stages", "ingest"], "/nonexistent/pickapic"),
+        # rich markup is off: brackets in a user's path are printed as given, never parsed as tags
+        (
+            ["run", "--source", "/nonexistent/pick[/x]a[us]pic", "--stages", "ingest"],
+            "/nonexistent/pick[/x]a[us]pic",
+        ),
     ],
 )
 def test_user_mistakes_are_clear_errors(args, needle, tmp_path):
