@@ -495,8 +495,8 @@ class PretrainConfig(Section):
         600,
         ge=1,
         description="Optimizer steps (measured on 2 cores, about 0.6 s per step: 600 x 64 draws the caption's "
-        "colour 99% of the time; 300 steps gave 40% at lr 1e-3 and 85% at 3e-3, with sample sizes off by 5 train "
-        "std, so the demo keeps 600, its largest single cost).",
+        "colour 99% of the time; 300 steps gave 40% at lr 1e-3 and 85% at 3e-3, whose samples' mean size is 5 train "
+        "std off against 2 at 600, so the demo keeps 600, its largest single cost).",
     )
     batch_size: int = Field(64, ge=1, description="Images per step.")
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
