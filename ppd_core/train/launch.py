@@ -18,6 +18,11 @@ reported in one line: the exit code, the last error line of that log and its pat
 repeated. A worker that exits with an error (a bad checkpoint, a config the backbone refuses) failed
 deterministically: :class:`~ppd_core.errors.StageError`, which the flow does not retry. A launcher killed
 by a signal (the OOM killer, a preempted node) may succeed when run again: ``RuntimeError``, retried.
+
+The rendezvous port is chosen free (bound to port 0 and released) and bound by the ranks seconds later, after
+their imports; in between another process can take it (an outgoing connection gets its local port from the
+same range; two runs on one machine launched at once failed this way). A launch whose ranks report the port in
+use is started again on a fresh port (:func:`launch_ranks`), a few times, and is transient after that.
 """
 
 from __future__ import annotations
@@ -36,6 +41,13 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from ppd_core.errors import StageError
+
+PORT_ATTEMPTS = 3  # launches on fresh ports before a taken rendezvous port is left to the flow's retries
+_PORT_TAKEN = re.compile(r"EADDRINUSE|address already in use", re.IGNORECASE)
+
+
+class PortTaken(RuntimeError):
+    """The ranks could not bind the rendezvous port chosen for them (taken after it was chosen): transient."""
 
 
 def free_port() -> int:
@@ -101,6 +113,30 @@ def build_command(
             "--master_port", str(port), "-m", module, *args,
         ]  # fmt: skip
     raise StageError(f"unknown launcher {launcher!r}")
+
+
+def launch_ranks(
+    launcher: str,
+    module: str,
+    args: Sequence[str],
+    log_path: Path,
+    num_gpus: int = 1,
+    hostfile: str | None = None,
+    env: Mapping[str, str] | None = None,
+    on_retry: Callable[[str], None] | None = None,
+) -> None:
+    """Start the ranks (:func:`rank_command`) and wait for them (:func:`run`); a launch that fails because its
+    rendezvous port was taken is started again on a fresh port, up to :data:`PORT_ATTEMPTS` launches."""
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        cmd, rank_env = rank_command(launcher, module, args, num_gpus, hostfile)
+        try:
+            run(cmd, log_path, env={**(env or {}), **rank_env})
+            return
+        except PortTaken as e:
+            if attempt == PORT_ATTEMPTS:
+                raise
+            if on_retry is not None:
+                on_retry(f"{e}; launching again on a fresh port ({attempt + 1} of {PORT_ATTEMPTS})")
 
 
 class Terminated(BaseException):
@@ -266,6 +302,7 @@ def run(
     full_env.setdefault("PYTHONUNBUFFERED", "1")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log, _sigterm_raises():
+        start = log.tell()  # this launch's output begins here (the log keeps earlier launches')
         proc = subprocess.Popen(
             _with_parent_death_signal(cmd),
             stdout=subprocess.PIPE,
@@ -289,6 +326,10 @@ def run(
     where = f"the full log, streamed above: {log_path}"
     if rc < 0 or rc in (128 + signal.SIGKILL, 128 + signal.SIGTERM):
         raise RuntimeError(f"training was killed (exit code {rc}): {reason} ({where})")
+    with open(log_path, "rb") as log:
+        log.seek(start)
+        if _PORT_TAKEN.search(log.read().decode(errors="replace")):
+            raise PortTaken(f"training could not bind its rendezvous port: {reason} ({where})")
     raise StageError(f"training exited with code {rc}: {reason} ({where})")
 
 

@@ -94,19 +94,21 @@ def train_stages(
         atomic_write_json(out / "train_spec.json", spec)
     t = cfg.train
     first = out_dirs[0]
-    cmd, env = launch.rank_command(
-        t.launcher,
-        "ppd_core.train.worker",
-        ["--spec", str(first / "train_spec.json")],
-        t.num_gpus,
-        t.hostfile,
-    )
-    env["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", "cpu") if not _has_cuda() else "cuda"
+    env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu") if not _has_cuda() else "cuda"}
     watcher = _MetricsWatcher(first / "metrics.jsonl", t.steps, progress) if progress else None
     if watcher:
         watcher.start()
     try:
-        launch.run(cmd, first / "launch.log", env=env)
+        launch.launch_ranks(
+            t.launcher,
+            "ppd_core.train.worker",
+            ["--spec", str(first / "train_spec.json")],
+            first / "launch.log",
+            t.num_gpus,
+            t.hostfile,
+            env=env,
+            on_retry=logging.getLogger(__name__).warning,
+        )
     finally:
         if watcher:
             watcher.done.set()

@@ -4,6 +4,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -332,3 +333,50 @@ def test_old_pickled_rng_file_is_a_clear_error(tmp_path):
     torch.save({"global": checkpoint.capture_rng()}, path)  # the earlier format: numpy arrays pickled
     with pytest.raises(StageError, match="older format that cannot be loaded safely"):
         checkpoint.read_rng(path)
+
+
+def _port_binding_module(tmp_path):
+    """A rank stand-in that binds its MASTER_PORT as the rendezvous does, and fails as it does when it is taken."""
+    (tmp_path / "bind_rank.py").write_text(
+        "import os, socket\n"
+        "s = socket.socket()\n"
+        "s.bind(('127.0.0.1', int(os.environ['MASTER_PORT'])))\n"
+        "print('rank bound', os.environ['MASTER_PORT'], flush=True)\n"
+    )
+    return {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
+def test_a_rendezvous_port_taken_after_it_was_chosen_is_launched_again_on_a_fresh_one(tmp_path, monkeypatch):
+    """Between choosing a free port and the ranks binding it, another process can take it: the launch is
+    started again on a fresh port (and says so), not reported as a failed training."""
+    env = _port_binding_module(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        fresh = launch.free_port()
+        ports = iter([taken.getsockname()[1], fresh])
+        monkeypatch.setattr(launch, "free_port", lambda: next(ports))
+        said = []
+        launch.launch_ranks("deepspeed", "bind_rank", [], tmp_path / "log.txt", env=env, on_retry=said.append)
+    log = (tmp_path / "log.txt").read_text()
+    assert "Address already in use" in log and f"rank bound {fresh}" in log
+    assert len(said) == 1 and "rendezvous port" in said[0] and "2 of 3" in said[0]
+
+
+def test_a_port_taken_at_every_launch_is_transient_and_not_retried_forever(tmp_path, monkeypatch):
+    env = _port_binding_module(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        monkeypatch.setattr(launch, "free_port", lambda: taken.getsockname()[1])
+        with pytest.raises(launch.PortTaken, match="rendezvous port") as e:
+            launch.launch_ranks("deepspeed", "bind_rank", [], tmp_path / "log.txt", env=env)
+    assert not isinstance(e.value, StageError)  # the flow's own retries may still succeed
+    assert (tmp_path / "log.txt").read_text().count("Address already in use") == launch.PORT_ATTEMPTS
+
+
+def test_a_failure_that_only_an_earlier_launch_logged_is_not_taken_for_a_port_clash(tmp_path):
+    """The log keeps earlier launches' output; only this launch's lines decide whether its port was taken."""
+    (tmp_path / "log.txt").write_text("OSError: [Errno 98] Address already in use\n")
+    with pytest.raises(StageError, match="code 3"):
+        launch.run([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "log.txt")
