@@ -17,6 +17,7 @@ a zero margin counts half. On the synthetic world, ``true-attribute-diff`` is th
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -97,14 +98,16 @@ def pair_diagnostics(
     train_diffs = standardised_differences(X, P, std)  # (P, D)
     eval_diffs = {u: standardised_differences(X, p, std) for u, p in data.eval_by_user.items()}
 
-    def new_basis() -> nn.Linear:
+    def seeded(users: Callable[[], nn.Module]) -> tuple[nn.Linear, nn.Module]:
+        """A fresh basis and user module initialised from the probe's seed alone, not from the global generator
+        (whose state depends on what else ran in this process before: a cached upstream stage or a computed one)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            return nn.Linear(X.shape[1], cfg.pair_rank, bias=False)
+            return nn.Linear(X.shape[1], cfg.pair_rank, bias=False), users()
 
     rows = []
     with single_thread():
-        basis, shared = new_basis(), nn.Embedding(1, cfg.pair_rank)
+        basis, shared = seeded(partial(nn.Embedding, 1, cfg.pair_rank))
         zeros = torch.zeros(len(P), dtype=torch.long)
         fit_bradley_terry(basis, shared, zeros, train_diffs, cfg.pair_steps, cfg.pair_lr, cfg.pair_l2)
         with torch.no_grad():
@@ -133,7 +136,7 @@ def pair_diagnostics(
                 x = torch.from_numpy(features(emb, split == "seen"))  # (S, E) standardised on seen sets
                 index = {sid: i for i, sid in enumerate(table.column("shot_set_id").to_pylist())}
                 keep = [i for i, sid in enumerate(data.train_sets) if sid in index]
-                basis, read = new_basis(), nn.Linear(x.shape[1], cfg.pair_rank)
+                basis, read = seeded(partial(nn.Linear, x.shape[1], cfg.pair_rank))
                 inputs = x[torch.as_tensor([index[data.train_sets[i]] for i in keep], dtype=torch.long)]
                 fit_bradley_terry(
                     basis, read, inputs, train_diffs[keep], cfg.pair_steps, cfg.pair_lr, cfg.pair_l2

@@ -37,7 +37,7 @@ def _brief(c: dict) -> str:
 
 STAGE = Stage(
     "probe",
-    "2",
+    "3",  # 3: the pair diagnostics seed every probe they fit (the figures no longer depend on what ran before)
     upstream,
     lambda cfg: cfg.probe,
     run,

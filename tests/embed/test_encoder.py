@@ -202,6 +202,24 @@ def test_the_encoder_learns_held_out_pairs_better_than_the_population_model(tmp_
     assert encoder > 0.56
 
 
+def test_pair_diagnostics_do_not_depend_on_what_ran_before_in_the_process(tmp_path):
+    """The probe stage computes after its upstream stages in one process, or alone when they are cached: its
+    Bradley-Terry fits (population and per embedder) must give the same figures either way."""
+    from ppd_core.config import ProbeConfig
+    from ppd_core.embed.pair_probe import pair_diagnostics
+
+    out = pipeline.run_stages(_cfg(tmp_path), ["embed"])
+    dirs = {name: out[name].directory for name in ("embed", "fewshot", "encoder")}
+    cfg = ProbeConfig(pair_steps=30)
+    kinds = {"encoder": "encoder", "diff": "true_attribute_diff"}
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        runs.append(pair_diagnostics(cfg, dirs["embed"], dirs["fewshot"], dirs["encoder"], kinds))
+    assert {r["method"] for r in runs[0]} == {"bt_population", "encoder_head", "bt_probe"}
+    assert runs[0] == runs[1]
+
+
 @pytest.mark.parametrize("variational", [False, True])
 def test_rescaling_z_keeps_every_margin(variational):
     torch.manual_seed(2)
