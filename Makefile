@@ -53,7 +53,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_dask_embed.py
 	# kill -9 at seeded moments within ingest, embed, train and evaluate, then rerun; two runs on one root (small settings)
 	$(BIN)/python benchmarks/bench_faults.py
-	# new-user quality on world seeds 0, 1, 2 (the whole pipeline three times: about 50 minutes on 2 cores)
+	# new-user quality on world seeds 0, 1, 2 (the whole pipeline three times: about 27 minutes on 2 cores at 536 s a world)
 	$(BIN)/python benchmarks/bench_quality.py
 
 # Prefect dashboard for $(ROOT) on 127.0.0.1:$(PORT) (SQLite under $(ROOT)/.prefect, earlier runs included);
