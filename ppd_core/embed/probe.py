@@ -12,6 +12,10 @@ Tasks. ``user_id``: which seen user wrote a held-out shot set (the last ``test_s
 sets of each seen user; users with too few sets only train). ``archetype_unseen``: the archetype
 of an unseen user's set, by nearest centroid over archetypes built from seen users' training sets
 only. ``archetype_seen_heldout``: the same centroids on the seen users' held-out sets.
+``preference_unseen`` (synthetic world only, method ``ridge``): a ridge read of each user's true preference
+vector from the standardised embedding, fitted on seen users' sets; the "accuracy" is the mean cosine between
+the read and the truth over unseen users' sets (``n_classes`` 0: a regression). It asks what the diffusion
+adapter needs: a *linear* read of the user's taste that carries over to new users.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from ppd_core.config import ProbeConfig
 from ppd_core.errors import StageError
 
 WARMUP_FRACTION = 0.1
+RIDGE_PENALTIES = (0.1, 1.0, 10.0, 100.0, 1000.0)  # ridge penalties the preference read chooses from
+RIDGE_FOLDS = 5  # user-grouped folds of the seen users that choose the penalty
 
 
 class ResidualBlock(nn.Module):
@@ -173,6 +179,46 @@ def nearest_centroid(
     return scores
 
 
+def _ridge(x: np.ndarray, y: np.ndarray, penalties: tuple[float, ...]) -> list[np.ndarray]:
+    """Ridge weights (D + 1, A) of ``y`` (N, A) on ``x`` (N, D) with an unpenalised intercept, one per
+    penalty, through one SVD of the centred rows (cheap whether N or D is the larger)."""
+    mx, my = x.mean(0), y.mean(0)
+    u, s, vt = np.linalg.svd(x - mx, full_matrices=False)
+    uy = u.T @ (y - my)  # (R, A)
+    out = []
+    for lam in penalties:
+        w = vt.T @ ((s / (s**2 + lam))[:, None] * uy)  # (D, A)
+        out.append(np.vstack([w, (my - mx @ w)[None]]))
+    return out
+
+
+def _mean_cosine(x: np.ndarray, w: np.ndarray, y: np.ndarray) -> float:
+    pred = x @ w[:-1] + w[-1]
+    norms = np.linalg.norm(pred, axis=1) * np.linalg.norm(y, axis=1)
+    return float(np.mean((pred * y).sum(1) / np.maximum(norms, 1e-12)))
+
+
+def preference_read(
+    x: np.ndarray, y: np.ndarray, groups: np.ndarray, fit: np.ndarray, test: np.ndarray
+) -> tuple[float, float]:
+    """Mean cosine over the ``test`` rows between a ridge read of ``y`` (N, A) from ``x`` (N, D) and ``y``,
+    the read fitted on the ``fit`` rows; the penalty is chosen by user-grouped cross-validation (``groups``:
+    the user of each row) within the fit rows. Returns (cosine, chosen penalty)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    fit_idx = np.flatnonzero(fit)
+    users = np.unique(groups[fit_idx])
+    fold_of = {int(u): i % RIDGE_FOLDS for i, u in enumerate(users)}  # sorted users, dealt round-robin
+    folds = np.array([fold_of[int(u)] for u in groups[fit_idx]])
+    scores = np.zeros(len(RIDGE_PENALTIES))
+    for f in range(min(RIDGE_FOLDS, len(users))):
+        tr, va = fit_idx[folds != f], fit_idx[folds == f]
+        for i, w in enumerate(_ridge(x[tr], y[tr], RIDGE_PENALTIES)):
+            scores[i] += _mean_cosine(x[va], w, y[va]) * len(va)
+    penalty = RIDGE_PENALTIES[int(np.argmax(scores))]
+    (w,) = _ridge(x[fit_idx], y[fit_idx], (penalty,))
+    return _mean_cosine(x[test], w, y[test]), penalty
+
+
 def _rows(task: str, method: str, accuracy: dict[int, float], n_test: int, n_classes: int) -> list[dict]:
     return [
         {"task": task, "method": method, "k": k, "accuracy": acc, "n_test": n_test, "n_classes": n_classes}
@@ -191,10 +237,12 @@ def run_probe(
     cfg: ProbeConfig,
     archetypes: dict[int, int] | None = None,
     unseen_mask: np.ndarray | None = None,
+    preferences: dict[int, np.ndarray] | None = None,
 ) -> list[dict]:
     """All probe rows for one embedder's vectors (N sets). ``unseen_mask`` (N,) marks unseen users' sets:
     they never enter the user task, standardisation or centroids. ``archetypes`` (user id -> archetype)
-    adds the archetype tasks (``archetype_unseen`` only when there are unseen sets)."""
+    adds the archetype tasks (``archetype_unseen`` only when there are unseen sets); ``preferences`` (user id
+    -> true preference vector) adds ``preference_unseen`` (read fitted on seen users' sets only)."""
     embeddings = np.asarray(embeddings)
     user_ids, set_index = np.asarray(user_ids, dtype=np.int64), np.asarray(set_index)
     n = len(embeddings)
@@ -241,4 +289,16 @@ def run_probe(
             count = int(where.sum())
             rows += _rows(task, "nearest_centroid", topk_accuracy(scores, y_arch[where], (1,)), count, n_arch)
             rows += _rows(task, "chance", _chance((1,), n_arch), count, n_arch)
+
+    if preferences is not None:
+        # users without a true vector (reward users) take no part
+        known = np.array([int(u) in preferences for u in user_ids])
+        fit, where = seen & known, unseen & known
+        if where.any() and len(np.unique(user_ids[fit])) >= 2:
+            width = len(next(iter(preferences.values())))
+            truth = np.stack(
+                [np.asarray(preferences.get(int(u), np.zeros(width))) for u in user_ids]
+            )  # (N, A)
+            cosine, _ = preference_read(x, truth, user_ids, fit, where)
+            rows += _rows("preference_unseen", "ridge", {1: cosine}, int(where.sum()), 0)
     return rows

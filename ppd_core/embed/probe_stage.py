@@ -6,8 +6,9 @@ accuracy for unseen users from centroids of seen users. The reference embedders 
 true attribute differences of the 4 shots) sit in the same table as the ceiling.
 
 With the encoder stage's image features, also the held-out pair accuracy of unseen users from their K
-shots (:mod:`ppd_core.embed.pair_probe`): the diagnostic that predicts generation for new users, beside
-a population reward model.
+shots (:mod:`ppd_core.embed.pair_probe`), beside a population reward model; and, on the synthetic world,
+the linear read of unseen users' true preference from their K-shot embeddings (``preference_unseen``), the
+figure that tracked generation for new users where pair accuracy did not.
 """
 
 from __future__ import annotations
@@ -27,11 +28,15 @@ from ppd_core.schemas import PROBE as PROBE_SCHEMA
 from ppd_core.stage import Progress, ProgressCount
 
 
-def _archetypes(world_dir: Path | None) -> dict[int, int] | None:
+def _world_users(world_dir: Path | None) -> tuple[dict[int, int] | None, dict[int, np.ndarray] | None]:
+    """(user id -> archetype, user id -> true preference vector) of the synthetic world; (None, None) without one."""
     if world_dir is None:
-        return None
-    users = pq.read_table(world_dir / "users.parquet", columns=["user_id", "archetype"]).to_pylist()
-    return {int(u["user_id"]): int(u["archetype"]) for u in users}
+        return None, None
+    users = pq.read_table(
+        world_dir / "users.parquet", columns=["user_id", "archetype", "weights"]
+    ).to_pylist()
+    archetypes = {int(u["user_id"]): int(u["archetype"]) for u in users}
+    return archetypes, {int(u["user_id"]): np.asarray(u["weights"], dtype=np.float64) for u in users}
 
 
 def probe_stage(
@@ -49,7 +54,7 @@ def probe_stage(
     embedders = manifest.counts["embedders"] if manifest else {}
     pair_fits = 1 + len(embedders) if encoder_dir is not None else 0  # the population model and each embedder
     probes = ProgressCount(progress, len(embedders) + pair_fits)
-    archetypes = _archetypes(world_dir)
+    archetypes, preferences = _world_users(world_dir)
     rows: list[dict] = []
     for name, info in embedders.items():
         table, emb = read_embeddings(embed_dir, name)
@@ -63,6 +68,7 @@ def probe_stage(
             cfg,
             archetypes=archetypes,
             unseen_mask=unseen,
+            preferences=preferences,
         )
         kind = str(info.get("identity", {}).get("kind", ""))
         rows += [
@@ -95,13 +101,15 @@ def summarize(rows: list[dict]) -> dict[str, dict[str, float]]:
 
 def stage1_view(probe_dir: Path | None, default: str, ceiling: str | None) -> dict:
     """What the report shows of the probe: per embedder its archetype, identification and held-out pair
-    accuracies; and the pair accuracy of the default embedder, the K-shot ceiling and the population model."""
+    accuracies and (synthetic world) its read of unseen users' true preference; and the pair accuracy of the
+    default embedder, the K-shot ceiling and the population model, and the preference read of the first two."""
     if probe_dir is None or not (Path(probe_dir) / "summary.json").is_file():
         return {}
     summary = json.loads((Path(probe_dir) / "summary.json").read_text())
     pick = {
         "archetype_unseen": "archetype_unseen/nearest_centroid@1",
         "user_id_top1": "user_id/mlp@1",
+        "preference_unseen": "preference_unseen/ridge@1",
     }
     table = {}
     for name, scores in summary.items():
@@ -113,4 +121,8 @@ def stage1_view(probe_dir: Path | None, default: str, ceiling: str | None) -> di
         "ceiling": table.get(ceiling, {}).get("pairs_unseen") if ceiling else None,
         "population": table.get("(population)", {}).get("pairs_unseen"),
     }
-    return {"embedders": table, "pairs_unseen": pairs}
+    preference = {
+        "default": table.get(default, {}).get("preference_unseen"),
+        "ceiling": table.get(ceiling, {}).get("preference_unseen") if ceiling else None,
+    }
+    return {"embedders": table, "pairs_unseen": pairs, "preference_unseen": preference}

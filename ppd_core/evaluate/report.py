@@ -103,6 +103,15 @@ def targets(head: Mapping[str, dict], monotone: pa.Table, probe: Mapping | None 
             default - ceiling,
             default >= ceiling - 0.03,
         )
+    read = (probe or {}).get("preference_unseen", {})
+    default, ceiling = read.get("default"), read.get("ceiling")
+    if default is not None and ceiling is not None:
+        check(
+            "unseen: linear read of the true preference from the default embedder, cosine minus the K-shot "
+            "ceiling's (diagnostic)",
+            default - ceiling,
+            None,
+        )
     if monotone.num_rows:
         flags = monotone.column("monotone_within_noise").to_pylist()
         check(
@@ -524,7 +533,8 @@ def write_report(
         folded_table(
             stage1,
             "Stage 1: what each embedder keeps of a user (archetype of unseen users, user identification, "
-            "held-out pair accuracy of unseen users from their K shots)",
+            "held-out pair accuracy of unseen users from their K shots, and on the synthetic world the cosine of "
+            "a linear read of unseen users' true preference)",
         ),
         folded_table(_rows(tables["win_rates"]), "Win rates, all judges", links.get("win_rates", [])),
         folded_table(

@@ -37,7 +37,9 @@ def _brief(c: dict) -> str:
 
 STAGE = Stage(
     "probe",
-    "3",  # 3: the pair diagnostics seed every probe they fit (the figures no longer depend on what ran before)
+    # 3: the pair diagnostics seed every probe they fit (the figures no longer depend on what ran before);
+    # 4: the synthetic world's preference read (preference_unseen)
+    "4",
     upstream,
     lambda cfg: cfg.probe,
     run,

@@ -125,3 +125,8 @@ def test_probe_table_reports_every_embedder_beside_chance(tmp_path):
     chance = acc[("truth", "archetype_unseen", "chance", 1)]
     assert acc[("truth", "archetype_unseen", "nearest_centroid", 1)] > 3 * chance
     assert probe.manifest.counts["summary"]["truth"]["user_id/nearest_centroid@1"] > 0.9
+    # the true vector reads itself back for new users; clip features of random tiny weights far less
+    (truth_read,) = [r for r in rows if r["embedder"] == "truth" and r["task"] == "preference_unseen"]
+    assert truth_read["method"] == "ridge" and truth_read["n_classes"] == 0
+    assert truth_read["accuracy"] > 0.95
+    assert acc[("clip", "preference_unseen", "ridge", 1)] < truth_read["accuracy"]

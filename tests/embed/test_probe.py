@@ -13,6 +13,7 @@ from ppd_core.embed.probe import (
     features,
     nearest_centroid,
     predict,
+    preference_read,
     run_probe,
     split_sets,
     topk_accuracy,
@@ -223,3 +224,48 @@ def test_no_unseen_sets_means_no_unseen_rows():
     rows = run_probe(emb, user_ids, set_index, CFG, archetypes=arch)
     assert {r["task"] for r in rows} == {"user_id", "archetype_seen_heldout"}
     assert row(rows, "user_id", "chance")["n_classes"] == 12
+
+
+# ------------------------------------------------------------------------------ preference read
+
+
+def preference_world(users: int = 40, unseen_users: int = 20, sets: int = 4, seed: int = 0):
+    """Unit true vectors in 5-D; each set's embedding a fixed random linear map (5 -> 12) of its user's
+    vector plus noise. Returns embeddings, user ids, set indices, unseen mask, {user: vector}, the map."""
+    rng = np.random.default_rng(seed)
+    truth = rng.normal(size=(users + unseen_users, 5))
+    truth /= np.linalg.norm(truth, axis=1, keepdims=True)
+    mixing = rng.normal(size=(5, 12))
+    user_ids = np.repeat(np.arange(users + unseen_users), sets)
+    emb = truth[user_ids] @ mixing + 0.1 * rng.normal(size=(len(user_ids), 12))
+    unseen = user_ids >= users
+    return emb, user_ids, np.tile(np.arange(sets), users + unseen_users), unseen, dict(enumerate(truth))
+
+
+def test_preference_read_recovers_a_linear_map_of_the_truth_for_new_users():
+    emb, user_ids, _, unseen, prefs = preference_world()
+    truth = np.stack([prefs[int(u)] for u in user_ids])
+    cosine, penalty = preference_read(features(emb, ~unseen), truth, user_ids, ~unseen, unseen)
+    assert cosine > 0.95 and penalty in (0.1, 1.0, 10.0)
+    noise = np.random.default_rng(1).normal(size=emb.shape)
+    cosine_noise, penalty_noise = preference_read(features(noise, ~unseen), truth, user_ids, ~unseen, unseen)
+    assert abs(cosine_noise) < 0.4 and penalty_noise >= 100.0  # cross-validation shrinks a useless read
+
+
+def test_preference_row_reads_from_seen_users_only_and_skips_users_without_a_vector():
+    emb, user_ids, set_index, unseen, prefs = preference_world()
+    del prefs[max(prefs)]  # an unseen user without a true vector (a reward user) takes no part
+    rows = run_probe(emb, user_ids, set_index, CFG, unseen_mask=unseen, preferences=prefs)
+    read = row(rows, "preference_unseen", "ridge")
+    assert read["n_test"] == 19 * 4 and read["n_classes"] == 0 and read["accuracy"] > 0.95
+    # the read never learns from unseen users: their vectors can be anything without changing it
+    scrambled = {u: (-v if unseen[list(user_ids).index(u)] else v) for u, v in prefs.items()}
+    flipped = row(
+        run_probe(emb, user_ids, set_index, CFG, unseen_mask=unseen, preferences=scrambled),
+        "preference_unseen",
+        "ridge",
+    )
+    assert flipped["accuracy"] == pytest.approx(-read["accuracy"])
+    assert "preference_unseen" not in {
+        r["task"] for r in run_probe(emb, user_ids, set_index, CFG, unseen_mask=unseen)
+    }

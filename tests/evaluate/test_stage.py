@@ -88,6 +88,9 @@ def test_summary_lists_targets_with_values(evaluated):
     ]  # the probe's held-out pair accuracy, beside the archetype probe
     assert 0.0 <= pairs["default"] <= 1.0 and 0.0 <= pairs["population"] <= 1.0
     assert "pairs_unseen" in summary["stage1"]["embedders"]["encoder"]
+    read = summary["stage1"]["preference_unseen"]  # the linear read of new users' true preference
+    assert -1.0 <= read["default"] <= 1.0 and -1.0 <= read["ceiling"] <= 1.0
+    assert any(n.startswith("unseen: linear read of the true preference") for n in names)
     assert "seen:ppd_vs_base" in summary["headline"]
 
 
