@@ -49,7 +49,14 @@ def root(tmp_path_factory):
     return tmp_path_factory.mktemp("backbones")
 
 
-@pytest.mark.parametrize("name", list(BACKBONES))
+# sd in the default suite; cascade and sdxl (about 80 s together on 2 cores) run with `make test-slow`; their
+# model classes, layouts and exports have fast tests of their own (tests/models/test_cascade.py, test_sd.py)
+HEAVY = {"cascade", "sdxl"}
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in BACKBONES]
+)
 def test_backbone_trains_exports_and_generates_through_ppd(name, root, tmp_path):
     model_dir = BACKBONES[name](tmp_path / "model")
     kind = "cascade" if name == "cascade" else "sd"

@@ -88,6 +88,7 @@ def test_the_server_stops_itself_when_unused_but_not_while_a_client_lives(tmp_pa
     assert not lease.exists()  # a dead client's record is dropped
 
 
+@pytest.mark.slow  # about 50 s on 2 cores: three server starts
 def test_a_stale_or_foreign_server_record_is_not_trusted(tmp_path, stop_servers):
     other, root = tmp_path / "other", tmp_path / "run"
     other.mkdir()

@@ -85,6 +85,9 @@ def alone(upstream_root, tmp_path_factory):
     return root, {name: _result(o) for name, o in outcomes.items()}, outcomes
 
 
+# about 2.5 minutes on 2 cores (six train launches); the default suite still trains jointly in every full small
+# run (tests/evaluate/conftest.py's small_run trains all its trainers in one launch)
+@pytest.mark.slow
 def test_joint_launch_equals_separate_launches_and_reuses_a_complete_member(upstream_root, alone, tmp_path):
     alone_root, results, outcomes = alone
     # the comparison sees a difference: the runs differ from each other in every part but the layout
