@@ -382,6 +382,13 @@ class EncoderConfig(Section):
         default_factory=FeatureSourceSpec, description="Per-image feature source."
     )
     seed: int = Field(0, description="Seed of initialisation, user split, contexts and targets.")
+    members: int = Field(
+        1,
+        ge=1,
+        description="Encoders trained independently (seeds seed, seed+1, ...: each its own user split and "
+        "initialisation), their user vectors side by side (z has members x z_dim numbers) and their rewards "
+        "summed. Averages out the seed-to-seed spread of the reward basis; mean pooling only.",
+    )
     z_dim: int = Field(6, ge=1, description="Width of the user vector z (and of the reward basis).")
     hidden: int = Field(64, ge=4, description="Width of the pair encoder and set pooling.")
     pair_encoder: Literal["linear", "mlp"] = Field(
@@ -419,6 +426,14 @@ class EncoderConfig(Section):
     checkpoint_every: int = volatile(250, "Steps between resumable checkpoints.", ge=1)
     feature_batch: int = volatile(128, "Images per feature-extraction batch.", ge=1)
     device: str = volatile("auto", "Torch device: auto (cuda when available), cpu, cuda, cuda:1, ...")
+
+    @model_validator(mode="after")
+    def _check_members(self) -> EncoderConfig:
+        if self.members > 1 and self.pooling != "mean":
+            raise ValueError(
+                "encoder.members > 1 needs pooling: mean (attention pools cannot be placed side by side)"
+            )
+        return self
 
 
 class ProbeConfig(Section):

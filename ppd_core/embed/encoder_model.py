@@ -148,6 +148,83 @@ class PreferenceEncoder(nn.Module):
         if self.variational:  # the log-variance of z / s is the log-variance of z minus 2 log s
             last.bias[self.z_dim :].sub_(2.0 * scale.log())
 
+    @classmethod
+    @torch.no_grad()
+    def concatenate(cls, members: list[PreferenceEncoder]) -> PreferenceEncoder:
+        """One encoder whose z is the members' z side by side and whose margin z . g is the sum of theirs.
+
+        Exact for mean pooling: the bases are stacked, the pair encoders and heads become block diagonal,
+        and the shared feature standardisation is the first member's. Each member's own standardisation
+        (fitted on its own training users' images) folds into its block of the basis; the constant that
+        this leaves on g(x) cancels in every pair's difference and is absorbed by the pair encoder's bias.
+        """
+        first = members[0]
+        if first.pool is not None:
+            raise ValueError(
+                "only mean-pooled encoders concatenate exactly (attention pools one softmax per set)"
+            )
+        for m in members[1:]:
+            if m.config() != first.config():
+                raise ValueError("members must share their constructor arguments to concatenate")
+        z, h, n = first.z_dim, first.hidden, len(members)
+        out = cls(first.feature_dim, z * n, h * n, "mean", first.variational, first.pair_encoder)
+        out.feature_mean.copy_(first.feature_mean)
+        out.feature_std.copy_(first.feature_std)
+        out.basis.weight.zero_()
+        out_pair = [
+            m
+            for m in (out.pair if isinstance(out.pair, nn.Sequential) else [out.pair])
+            if isinstance(m, nn.Linear)
+        ]
+        out_head = [
+            m
+            for m in (out.head if isinstance(out.head, nn.Sequential) else [out.head])
+            if isinstance(m, nn.Linear)
+        ]
+        for layer in (*out_pair, *out_head):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        halves = 2 if first.variational else 1
+        for i, m in enumerate(members):
+            rows = slice(i * z, (i + 1) * z)
+            # g_m(x) = B_m (x - mu_m) / s_m = B'(x - mu) / s + c, B' = B_m s / s_m, c = B_m (mu - mu_m) / s_m
+            weight = m.basis.weight * (out.feature_std / m.feature_std)[None, :]  # (Z, D)
+            offset = m.basis.weight @ ((out.feature_mean - m.feature_mean) / m.feature_std)  # c (Z,)
+            out.basis.weight[rows] = weight
+            pairs = [
+                x
+                for x in (m.pair if isinstance(m.pair, nn.Sequential) else [m.pair])
+                if isinstance(x, nn.Linear)
+            ]
+            heads = [
+                x
+                for x in (m.head if isinstance(m.head, nn.Sequential) else [m.head])
+                if isinstance(x, nn.Linear)
+            ]
+            for k, (src, dst) in enumerate(zip(pairs, out_pair, strict=True)):
+                hid = slice(i * h, (i + 1) * h)
+                if k == 0:  # input (g_w, g_l, g_w - g_l), each of width n * z in the concatenated model
+                    for part in range(3):
+                        dst.weight[hid, part * z * n + i * z : part * z * n + (i + 1) * z] = src.weight[
+                            :, part * z : (part + 1) * z
+                        ]
+                    # g_w and g_l both carry the offset c; their difference does not
+                    dst.bias[hid] = src.bias + src.weight[:, :z] @ offset + src.weight[:, z : 2 * z] @ offset
+                else:
+                    dst.weight[hid, hid] = src.weight
+                    dst.bias[hid] = src.bias
+            for src, dst in zip(heads, out_head, strict=True):
+                if dst is out_head[-1]:  # output (mean, [log-variance]) halves, each n * z wide
+                    for half in range(halves):
+                        o_dst = slice(half * z * n + i * z, half * z * n + (i + 1) * z)
+                        o_src = slice(half * z, (half + 1) * z)
+                        dst.weight[o_dst, i * h : (i + 1) * h] = src.weight[o_src]
+                        dst.bias[o_dst] = src.bias[o_src]
+                else:
+                    dst.weight[i * h : (i + 1) * h, i * h : (i + 1) * h] = src.weight
+                    dst.bias[i * h : (i + 1) * h] = src.bias
+        return out
+
     # ------------------------------------------------------------------------------------ saving
     def save(self, directory: Path, extra: dict | None = None) -> Path:
         """``encoder.safetensors`` with the constructor arguments (and ``extra``) in its metadata."""

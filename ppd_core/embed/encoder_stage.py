@@ -19,6 +19,8 @@ training pairs). Unseen users and evaluation pairs are never read, except as ima
 Outputs: ``encoder.safetensors`` (the chosen weights; constructor arguments, feature source and
 validation figures in its metadata), ``features/``, ``metrics.jsonl``, ``validation.jsonl``,
 ``tensorboard/``, ``checkpoints/`` (resumable: model, optimizer, RNG states, step) and ``summary.json``.
+With ``members`` > 1, each member's own files sit under ``members/<m>/`` and ``encoder.safetensors`` is their
+concatenation (z side by side, rewards summed): the embedder, probe and generation read it unchanged.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from tqdm.auto import tqdm
 from ppd_core.config import EncoderConfig
 from ppd_core.data.fewshot import read_fewshot
 from ppd_core.embed.bradley_terry import fit_bradley_terry, standardised_differences
-from ppd_core.embed.encoder_model import PreferenceEncoder
+from ppd_core.embed.encoder_model import WEIGHTS_FILE, PreferenceEncoder
 from ppd_core.embed.features import FeatureTable, load_feature_source, write_feature_shards
 from ppd_core.embed.probe import single_thread
 from ppd_core.errors import StageError
@@ -47,6 +49,7 @@ from ppd_core.manifest import atomic_write_bytes, atomic_write_json, resume_tens
 
 Progress = Callable[[int, int], None]
 CHECKPOINTS = "checkpoints"
+MEMBERS = "members"  # members/<m>/: each member's own outputs when encoder.members > 1
 LOG_EVERY = 10
 KEEP_CHECKPOINTS = 2
 
@@ -187,7 +190,14 @@ def encoder_stage(
     )
     feature_seconds = time.perf_counter() - started
     with single_thread() if device.type == "cpu" else contextlib.nullcontext():
-        summary = train_encoder(cfg, shots, FeatureTable(out_dir), inputs.fewshot, out_dir, device, progress)
+        if cfg.members == 1:
+            summary = train_encoder(
+                cfg, shots, FeatureTable(out_dir), inputs.fewshot, out_dir, device, progress
+            )
+        else:
+            summary = train_members(
+                cfg, shots, FeatureTable(out_dir), inputs.fewshot, out_dir, device, progress
+            )
     summary = {
         "features": feature_counts,
         "feature_seconds": round(feature_seconds, 2),
@@ -196,6 +206,58 @@ def encoder_stage(
     }
     atomic_write_json(out_dir / "summary.json", summary)
     return summary
+
+
+def train_members(
+    cfg: EncoderConfig,
+    shots: int,
+    table: FeatureTable,
+    fewshot_dir: Path,
+    out_dir: Path,
+    device: torch.device,
+    progress: Progress | None = None,
+) -> dict:
+    """``cfg.members`` encoders, member m trained by :func:`train_encoder` with seed ``cfg.seed + m`` under
+    ``members/<m>/`` (its own checkpoints, metrics and TensorBoard); a member whose weights and summary exist
+    is read back, not retrained (resume). Saves their concatenation (:meth:`PreferenceEncoder.concatenate`)."""
+    models, summaries = [], []
+    for m in range(cfg.members):
+        member_dir = out_dir / MEMBERS / str(m)
+        member_dir.mkdir(parents=True, exist_ok=True)
+        done = member_dir / "summary.json"
+        if not (done.is_file() and (member_dir / WEIGHTS_FILE).is_file()):
+
+            def member_progress(step: int, total: int, m: int = m) -> None:
+                if progress:
+                    progress(m * total + step, cfg.members * total)
+
+            member_cfg = cfg.model_copy(update={"seed": cfg.seed + m, "members": 1})
+            result = train_encoder(member_cfg, shots, table, fewshot_dir, member_dir, device, member_progress)
+            atomic_write_json(done, result)
+        summaries.append(json.loads(done.read_text()))
+        models.append(PreferenceEncoder.load(member_dir, device)[0])
+    model = PreferenceEncoder.concatenate(models)
+    extras = [PreferenceEncoder.load(out_dir / MEMBERS / str(m))[1] for m in range(cfg.members)]
+    extra = {
+        "feature_source": table.source_identity,
+        "feature_spec": cfg.features.model_dump(mode="json"),
+        "shots": shots,
+        "members": cfg.members,
+        "best_step": [e["best_step"] for e in extras],
+        "val_accuracy": float(np.mean([e["val_accuracy"] for e in extras])),
+    }
+    model.save(out_dir, extra)
+    return {
+        "members": cfg.members,
+        "z_dim": model.z_dim,
+        "train_users": [s["train_users"] for s in summaries],
+        "train_pairs": [s["train_pairs"] for s in summaries],
+        "validation_users": [s["validation_users"] for s in summaries],
+        "basis_train_accuracy": [round(s["basis_train_accuracy"], 4) for s in summaries],
+        "best_step": [s["best_step"] for s in summaries],
+        "val_pair_accuracy": round(float(np.mean([s["val_pair_accuracy"] for s in summaries])), 4),
+        "member_val_pair_accuracy": [s["val_pair_accuracy"] for s in summaries],
+    }
 
 
 def train_encoder(

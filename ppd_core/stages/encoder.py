@@ -29,10 +29,25 @@ STAGE = Stage(
     resumable=True,
     progress="encoder training steps",
     summarize=counts_table(
-        ("train_users", "validation_users", "train_pairs", "best_step", "val_pair_accuracy", "seconds"),
+        (
+            "members",
+            "train_users",
+            "validation_users",
+            "train_pairs",
+            "best_step",
+            "val_pair_accuracy",
+            "seconds",
+        ),
         "ppd-encoder-summary",
         "Few-shot preference encoder",
     ),
     tags=("embed",),
-    brief=lambda c: f"held-out pair accuracy {c['val_pair_accuracy']:.3f} (best step {c['best_step']})",
+    brief=lambda c: (
+        f"held-out pair accuracy {c['val_pair_accuracy']:.3f} "
+        + (
+            f"(mean of {c['members']} members)"
+            if c.get("members", 1) > 1
+            else f"(best step {c['best_step']})"
+        )
+    ),
 )

@@ -78,6 +78,77 @@ def test_saved_encoder_reloads_with_the_same_outputs(tmp_path):
     assert extra == {"note": "x"} and again.config() == model.config()
 
 
+@pytest.mark.parametrize("pair_encoder", ["linear", "mlp"])
+@pytest.mark.parametrize("variational", [False, True])
+def test_concatenated_members_give_their_z_side_by_side_and_the_sum_of_their_margins(
+    pair_encoder, variational
+):
+    members = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        m = PreferenceEncoder(10, 3, 8, "mean", variational, pair_encoder)
+        for p in m.parameters():
+            p.data.normal_()
+        # each member standardised its features with its own training users' statistics
+        m.feature_mean.copy_(torch.randn(10))
+        m.feature_std.copy_(torch.rand(10) + 0.5)
+        members.append(m.eval())
+    joined = PreferenceEncoder.concatenate(members).eval()
+    assert joined.z_dim == 9 and joined.hidden == 24
+    w, lo, x1, x2 = torch.randn(5, 4, 10), torch.randn(5, 4, 10), torch.randn(5, 10), torch.randn(5, 10)
+    mask = torch.ones(5, 4, dtype=torch.bool)
+    mask[0, 2:] = False
+    z, logvar = joined.encode(w, lo, mask)
+    parts = [m.encode(w, lo, mask) for m in members]
+    torch.testing.assert_close(z, torch.cat([p[0] for p in parts], -1), rtol=1e-4, atol=1e-4)
+    if variational:
+        torch.testing.assert_close(logvar, torch.cat([p[1] for p in parts], -1), rtol=1e-4, atol=1e-4)
+    summed = sum(m.margin(p[0], x1, x2) for m, p in zip(members, parts, strict=True))
+    torch.testing.assert_close(joined.margin(z, x1, x2), summed, rtol=1e-4, atol=1e-3)
+
+
+def test_attention_pooled_members_are_refused():
+    with pytest.raises(ValueError, match="mean-pooled"):
+        PreferenceEncoder.concatenate([PreferenceEncoder(6, 2, 4, "attention") for _ in range(2)])
+    with pytest.raises(Exception, match="pooling: mean"):
+        load_config(None, ["encoder.members=2", "encoder.pooling=attention"], environ={})
+
+
+def test_members_train_under_their_own_directories_and_a_kill_resumes_only_the_unfinished_one(tmp_path):
+    cfg = _cfg(tmp_path / "killed", "encoder.members=2")
+    ups = pipeline.run_stages(cfg, ["fewshot", "ingest", "tiny_models"])
+    inputs = EncoderInputs(ups["fewshot"].directory, ups["ingest"].directory, ups["tiny_models"].directory)
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    seen = []
+
+    class Killed(Exception):
+        pass
+
+    def kill_in_second_member(step, total):
+        seen.append((step, total))
+        if step == 60 + 50:  # member 1, step 50 of 60
+            raise Killed
+
+    with pytest.raises(Killed):
+        encoder_stage(cfg.encoder, cfg.fewshot.shots, inputs, partial, progress=kill_in_second_member)
+    assert seen[-1] == (110, 120) and (partial / "members" / "0" / WEIGHTS_FILE).is_file()
+    first = _weights(partial / "members" / "0")
+    seen.clear()
+    resumed = encoder_stage(
+        cfg.encoder, cfg.fewshot.shots, inputs, partial, progress=lambda s, t: seen.append(s)
+    )
+    assert min(seen) > 100  # member 0 was read back, member 1 went on from its step-40 checkpoint
+    assert _weights(partial / "members" / "0") == first and resumed["members"] == 2
+    whole = pipeline.run_stages(_cfg(tmp_path / "whole", "encoder.members=2"), ["embed"])
+    assert _weights(partial) == _weights(whole["encoder"].directory)
+    # member 0 is the single encoder of the same seed; the embedding holds both members' z
+    single = pipeline.run_stages(_cfg(tmp_path / "single"), ["encoder"])["encoder"].directory
+    assert _weights(whole["encoder"].directory / "members" / "0") == _weights(single)
+    _, emb = read_embeddings(whole["embed"].directory, "encoder")
+    assert emb.shape[1] == 2 * cfg.encoder.z_dim and np.isfinite(emb).all()
+
+
 def test_no_target_pair_is_in_its_own_context():
     rng = np.random.default_rng(0)
     offsets = np.cumsum([0, 10, 12])
