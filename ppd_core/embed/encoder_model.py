@@ -50,6 +50,13 @@ class AttentionPool(nn.Module):
         return (scores.softmax(-1)[..., None] * h).sum(-2)  # (B, H)
 
 
+def _linears(module: nn.Module) -> list[nn.Linear]:
+    """The Linear layers of a pair encoder or head, in order (one Linear, or those of a Sequential)."""
+    return [
+        m for m in (module if isinstance(module, nn.Sequential) else [module]) if isinstance(m, nn.Linear)
+    ]
+
+
 def mean_pool(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over the real pairs: (B, K, H) -> (B, H)."""
     w = mask.to(h.dtype)[..., None]  # (B, K, 1)
@@ -140,9 +147,9 @@ class PreferenceEncoder(nn.Module):
         """
         scale = scale.to(self.basis.weight)
         self.basis.weight.mul_(scale[:, None])  # (Z, D): g_i -> g_i * s_i
-        first = self.pair if isinstance(self.pair, nn.Linear) else self.pair[0]
+        first = _linears(self.pair)[0]
         first.weight.div_(scale.repeat(3)[None, :])  # its input (g_w, g_l, g_w - g_l) grew by s: same h
-        last = self.head if isinstance(self.head, nn.Linear) else self.head[-1]
+        last = _linears(self.head)[-1]
         last.weight[: self.z_dim].div_(scale[:, None])  # the mean part of the head: z_i -> z_i / s_i
         last.bias[: self.z_dim].div_(scale)
         if self.variational:  # the log-variance of z / s is the log-variance of z minus 2 log s
@@ -171,16 +178,8 @@ class PreferenceEncoder(nn.Module):
         out.feature_mean.copy_(first.feature_mean)
         out.feature_std.copy_(first.feature_std)
         out.basis.weight.zero_()
-        out_pair = [
-            m
-            for m in (out.pair if isinstance(out.pair, nn.Sequential) else [out.pair])
-            if isinstance(m, nn.Linear)
-        ]
-        out_head = [
-            m
-            for m in (out.head if isinstance(out.head, nn.Sequential) else [out.head])
-            if isinstance(m, nn.Linear)
-        ]
+        out_pair = _linears(out.pair)
+        out_head = _linears(out.head)
         for layer in (*out_pair, *out_head):
             layer.weight.zero_()
             layer.bias.zero_()
@@ -191,16 +190,8 @@ class PreferenceEncoder(nn.Module):
             weight = m.basis.weight * (out.feature_std / m.feature_std)[None, :]  # (Z, D)
             offset = m.basis.weight @ ((out.feature_mean - m.feature_mean) / m.feature_std)  # c (Z,)
             out.basis.weight[rows] = weight
-            pairs = [
-                x
-                for x in (m.pair if isinstance(m.pair, nn.Sequential) else [m.pair])
-                if isinstance(x, nn.Linear)
-            ]
-            heads = [
-                x
-                for x in (m.head if isinstance(m.head, nn.Sequential) else [m.head])
-                if isinstance(x, nn.Linear)
-            ]
+            pairs = _linears(m.pair)
+            heads = _linears(m.head)
             for k, (src, dst) in enumerate(zip(pairs, out_pair, strict=True)):
                 hid = slice(i * h, (i + 1) * h)
                 if k == 0:  # input (g_w, g_l, g_w - g_l), each of width n * z in the concatenated model
