@@ -220,7 +220,7 @@ def train_members(
     """``cfg.members`` encoders, member m trained by :func:`train_encoder` with seed ``cfg.seed + m`` under
     ``members/<m>/`` (its own checkpoints, metrics and TensorBoard); a member whose weights and summary exist
     is read back, not retrained (resume). Saves their concatenation (:meth:`PreferenceEncoder.concatenate`)."""
-    models, summaries = [], []
+    models, extras, summaries = [], [], []
     for m in range(cfg.members):
         member_dir = out_dir / MEMBERS / str(m)
         member_dir.mkdir(parents=True, exist_ok=True)
@@ -235,9 +235,10 @@ def train_members(
             result = train_encoder(member_cfg, shots, table, fewshot_dir, member_dir, device, member_progress)
             atomic_write_json(done, result)
         summaries.append(json.loads(done.read_text()))
-        models.append(PreferenceEncoder.load(member_dir, device)[0])
+        member, member_extra = PreferenceEncoder.load(member_dir, device)
+        models.append(member)
+        extras.append(member_extra)
     model = PreferenceEncoder.concatenate(models)
-    extras = [PreferenceEncoder.load(out_dir / MEMBERS / str(m))[1] for m in range(cfg.members)]
     extra = {
         "feature_source": table.source_identity,
         "feature_spec": cfg.features.model_dump(mode="json"),
