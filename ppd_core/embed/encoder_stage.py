@@ -190,14 +190,8 @@ def encoder_stage(
     )
     feature_seconds = time.perf_counter() - started
     with single_thread() if device.type == "cpu" else contextlib.nullcontext():
-        if cfg.members == 1:
-            summary = train_encoder(
-                cfg, shots, FeatureTable(out_dir), inputs.fewshot, out_dir, device, progress
-            )
-        else:
-            summary = train_members(
-                cfg, shots, FeatureTable(out_dir), inputs.fewshot, out_dir, device, progress
-            )
+        train = train_encoder if cfg.members == 1 else train_members
+        summary = train(cfg, shots, FeatureTable(out_dir), inputs.fewshot, out_dir, device, progress)
     summary = {
         "features": feature_counts,
         "feature_seconds": round(feature_seconds, 2),
@@ -220,7 +214,7 @@ def train_members(
     """``cfg.members`` encoders, member m trained by :func:`train_encoder` with seed ``cfg.seed + m`` under
     ``members/<m>/`` (its own checkpoints, metrics and TensorBoard); a member whose weights and summary exist
     is read back, not retrained (resume). Saves their concatenation (:meth:`PreferenceEncoder.concatenate`)."""
-    models, extras, summaries = [], [], []
+    models, summaries = [], []
     for m in range(cfg.members):
         member_dir = out_dir / MEMBERS / str(m)
         member_dir.mkdir(parents=True, exist_ok=True)
@@ -235,17 +229,16 @@ def train_members(
             result = train_encoder(member_cfg, shots, table, fewshot_dir, member_dir, device, member_progress)
             atomic_write_json(done, result)
         summaries.append(json.loads(done.read_text()))
-        member, member_extra = PreferenceEncoder.load(member_dir, device)
-        models.append(member)
-        extras.append(member_extra)
+        models.append(PreferenceEncoder.load(member_dir, device)[0])
     model = PreferenceEncoder.concatenate(models)
+    val_accuracy = float(np.mean([s["val_pair_accuracy"] for s in summaries]))
     extra = {
         "feature_source": table.source_identity,
         "feature_spec": cfg.features.model_dump(mode="json"),
         "shots": shots,
         "members": cfg.members,
-        "best_step": [e["best_step"] for e in extras],
-        "val_accuracy": float(np.mean([e["val_accuracy"] for e in extras])),
+        "best_step": [s["best_step"] for s in summaries],
+        "val_accuracy": val_accuracy,
     }
     model.save(out_dir, extra)
     return {
@@ -256,7 +249,7 @@ def train_members(
         "validation_users": [s["validation_users"] for s in summaries],
         "basis_train_accuracy": [round(s["basis_train_accuracy"], 4) for s in summaries],
         "best_step": [s["best_step"] for s in summaries],
-        "val_pair_accuracy": round(float(np.mean([s["val_pair_accuracy"] for s in summaries])), 4),
+        "val_pair_accuracy": round(val_accuracy, 4),
         "member_val_pair_accuracy": [s["val_pair_accuracy"] for s in summaries],
     }
 
