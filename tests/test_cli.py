@@ -117,6 +117,9 @@ def test_readme_config_table_is_current():
     assert [line.split()[:2] for line in first] == [["make", "demo"], ["make", "test"]]
 
 
+# about 80 s on 2 cores (three CLI runs through probe); caching and recomputation stay covered by default in
+# test_two_runs_on_one_root_compute_each_stage_once, tests/test_manifest.py and tests/ops/test_status.py
+@pytest.mark.slow
 def test_pipeline_flow_caches_and_recomputes_only_what_changed(tmp_path):
     root = str(tmp_path / "run")
     first = run_json("--root", root, *SMALL, "--stages", "probe")
