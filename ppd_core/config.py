@@ -391,7 +391,7 @@ class EncoderConfig(Section):
     )
     z_dim: int = Field(6, ge=1, description="Width of the user vector z (and of the reward basis).")
     hidden: int = Field(64, ge=4, description="Width of the pair encoder and set pooling.")
-    pair_encoder: Literal["linear", "mlp"] = Field(
+    pair_encoder: Literal["difference", "linear", "mlp"] = Field(
         "linear",
         description="Pair encoder over (g(preferred), g(dispreferred), difference): linear (z is then a linear "
         "read of the pooled pairs, which is what carried over to unseen users best) or a two-layer MLP.",

@@ -5,17 +5,21 @@ Following the amortized user encoders of VPL and the low-rank user spaces of PAL
 - a **reward basis** g: standardised image features (D,) -> (z_dim,), linear; a user with vector z scores
   an image as ``r(z, x) = z . g(x)``, so a labelled pair is explained by ``z . (g(x_w) - g(x_l))``
   (Bradley-Terry);
-- a **pair encoder** over (g(preferred), g(dispreferred), their difference) -> (hidden,): linear (the
-  default) or a two-layer MLP;
+- a **pair encoder** over (g(preferred), g(dispreferred), their difference) -> (hidden,): linear or a
+  two-layer MLP; or, ``difference`` (the default), linear over the difference g(preferred) - g(dispreferred)
+  alone;
 - a **permutation-invariant set pooling** over the K pairs (mean, or attention with one learned query);
 - a head -> z (z_dim,) (linear, or GELU + linear after an MLP pair encoder), or a Gaussian over z (mean,
   log-variance) when variational; the embedding a shot set gets is the mean.
 
-Why linear by default: the diffusion adapter reads z linearly, so what matters is how well a linear read of
-z recovers the user's taste for users never trained on. On the synthetic world (where the truth is known)
+Why linear: the diffusion adapter reads z linearly, so what matters is how well a linear read of z
+recovers the user's taste for users never trained on. On the synthetic world (where the truth is known)
 a linear read of the true preference vector from unseen users' z reached cosine 0.52 with the linear pair
 encoder and 0.34-0.48 with MLPs of the same held-out pair accuracy: the MLPs fit the training users'
-contexts in ways that do not carry over.
+contexts in ways that do not carry over. Why the difference alone by default: z is then a linear map of the
+mean basis difference of the K pairs, the direction one Bradley-Terry gradient step from a zero prior
+takes, so a pair's shared base style (g(preferred) + g(dispreferred)), which says nothing about taste,
+cannot enter z; unseen users' read rose on every world tested (docs/encoder.md).
 
 Shapes: B shot sets, K pairs per set (a mask marks real pairs when sets differ in size), D features.
 The constructor arguments (``config()``) travel with the weights, so a saved encoder rebuilds itself.
@@ -34,6 +38,7 @@ from safetensors.torch import load_file
 from ppd_core.weights import save_safetensors
 
 WEIGHTS_FILE = "encoder.safetensors"
+PAIR_ENCODERS = ("difference", "linear", "mlp")
 
 
 class AttentionPool(nn.Module):
@@ -76,8 +81,8 @@ class PreferenceEncoder(nn.Module):
         super().__init__()
         if pooling not in ("mean", "attention"):
             raise ValueError(f"pooling must be mean or attention, got {pooling!r}")
-        if pair_encoder not in ("linear", "mlp"):
-            raise ValueError(f"pair_encoder must be linear or mlp, got {pair_encoder!r}")
+        if pair_encoder not in PAIR_ENCODERS:
+            raise ValueError(f"pair_encoder must be one of {', '.join(PAIR_ENCODERS)}, got {pair_encoder!r}")
         self.feature_dim, self.z_dim, self.hidden = int(feature_dim), int(z_dim), int(hidden)
         self.pooling, self.variational, self.pair_encoder = pooling, bool(variational), pair_encoder
         # feature standardisation, fitted on the training users' images and stored with the weights
@@ -85,15 +90,22 @@ class PreferenceEncoder(nn.Module):
         self.register_buffer("feature_std", torch.ones(self.feature_dim))
         self.basis = nn.Linear(self.feature_dim, self.z_dim, bias=False)  # g; a bias cancels in every pair
         out = self.z_dim * (2 if variational else 1)
-        if pair_encoder == "linear":
-            self.pair = nn.Linear(3 * self.z_dim, self.hidden)
+        if pair_encoder != "mlp":
+            self.pair = nn.Linear(self.pair_parts * self.z_dim, self.hidden)
             self.head = nn.Linear(self.hidden, out)
         else:
             self.pair = nn.Sequential(
-                nn.Linear(3 * self.z_dim, self.hidden), nn.GELU(), nn.Linear(self.hidden, self.hidden)
+                nn.Linear(self.pair_parts * self.z_dim, self.hidden),
+                nn.GELU(),
+                nn.Linear(self.hidden, self.hidden),
             )
             self.head = nn.Sequential(nn.GELU(), nn.Linear(self.hidden, out))
         self.pool = AttentionPool(self.hidden) if pooling == "attention" else None
+
+    @property
+    def pair_parts(self) -> int:
+        """How many z_dim-wide parts the pair encoder reads: (g_w, g_l, g_w - g_l), or the difference alone."""
+        return 1 if self.pair_encoder == "difference" else 3
 
     def config(self) -> dict:
         return {
@@ -121,7 +133,8 @@ class PreferenceEncoder(nn.Module):
         """:meth:`encode` from the basis outputs g(preferred), g(dispreferred), each (B, K, z_dim)."""
         if mask is None:
             mask = torch.ones(gw.shape[:2], dtype=torch.bool, device=gw.device)  # (B, K)
-        h = self.pair(torch.cat([gw, gl, gw - gl], dim=-1))  # (B, K, H)
+        pair = gw - gl if self.pair_parts == 1 else torch.cat([gw, gl, gw - gl], dim=-1)  # (B, K, parts * Z)
+        h = self.pair(pair)  # (B, K, H)
         pooled = self.pool(h, mask) if self.pool is not None else mean_pool(h, mask)  # (B, H)
         out = self.head(pooled)  # (B, Z) or (B, 2Z)
         if self.variational:
@@ -148,7 +161,7 @@ class PreferenceEncoder(nn.Module):
         scale = scale.to(self.basis.weight)
         self.basis.weight.mul_(scale[:, None])  # (Z, D): g_i -> g_i * s_i
         first = _linears(self.pair)[0]
-        first.weight.div_(scale.repeat(3)[None, :])  # its input (g_w, g_l, g_w - g_l) grew by s: same h
+        first.weight.div_(scale.repeat(self.pair_parts)[None, :])  # its input (g_w, g_l, g_w - g_l) grew by s
         last = _linears(self.head)[-1]
         last.weight[: self.z_dim].div_(scale[:, None])  # the mean part of the head: z_i -> z_i / s_i
         last.bias[: self.z_dim].div_(scale)
@@ -194,13 +207,16 @@ class PreferenceEncoder(nn.Module):
             heads = _linears(m.head)
             for k, (src, dst) in enumerate(zip(pairs, out_pair, strict=True)):
                 hid = slice(i * h, (i + 1) * h)
-                if k == 0:  # input (g_w, g_l, g_w - g_l), each of width n * z in the concatenated model
-                    for part in range(3):
+                if k == 0:  # input (g_w, g_l, g_w - g_l) or g_w - g_l, each part n * z wide when concatenated
+                    parts = first.pair_parts
+                    for part in range(parts):
                         dst.weight[hid, part * z * n + i * z : part * z * n + (i + 1) * z] = src.weight[
                             :, part * z : (part + 1) * z
                         ]
                     # g_w and g_l both carry the offset c; their difference does not
-                    dst.bias[hid] = src.bias + src.weight[:, :z] @ offset + src.weight[:, z : 2 * z] @ offset
+                    dst.bias[hid] = src.bias
+                    if parts == 3:
+                        dst.bias[hid] += src.weight[:, :z] @ offset + src.weight[:, z : 2 * z] @ offset
                 else:
                     dst.weight[hid, hid] = src.weight
                     dst.bias[hid] = src.bias

@@ -62,6 +62,19 @@ def test_set_pooling_is_permutation_invariant_and_ignores_padding(pooling):
     assert z.shape == (2, 3)
 
 
+def test_difference_encoder_reads_only_what_the_two_images_differ_by():
+    torch.manual_seed(3)
+    model = PreferenceEncoder(feature_dim=6, z_dim=3, hidden=8, pair_encoder="difference").eval()
+    w, lo, shared = torch.randn(2, 4, 6), torch.randn(2, 4, 6), torch.randn(2, 4, 6) * 10
+    # a style both images of a pair share moves neither g_w - g_l nor z
+    torch.testing.assert_close(model.encode(w + shared, lo + shared)[0], model.encode(w, lo)[0])
+    # and z is an affine map of the mean basis difference over the K pairs
+    d = (model.g(w) - model.g(lo)).mean(1)  # (B, Z)
+    torch.testing.assert_close(model.encode(w, lo)[0], model.head(model.pair(d)))
+    other = PreferenceEncoder(feature_dim=6, z_dim=3, hidden=8, pair_encoder="linear").eval()
+    assert other.encode(w + shared, lo + shared)[0].sub(other.encode(w, lo)[0]).abs().max() > 1e-3
+
+
 def test_variational_encoder_returns_mean_and_log_variance():
     model = PreferenceEncoder(feature_dim=6, z_dim=2, hidden=8, variational=True)
     mu, logvar = model.encode(torch.randn(3, 4, 6), torch.randn(3, 4, 6))
@@ -78,7 +91,7 @@ def test_saved_encoder_reloads_with_the_same_outputs(tmp_path):
     assert extra == {"note": "x"} and again.config() == model.config()
 
 
-@pytest.mark.parametrize("pair_encoder", ["linear", "mlp"])
+@pytest.mark.parametrize("pair_encoder", ["difference", "linear", "mlp"])
 @pytest.mark.parametrize("variational", [False, True])
 def test_concatenated_members_give_their_z_side_by_side_and_the_sum_of_their_margins(
     pair_encoder, variational
@@ -291,10 +304,13 @@ def test_pair_diagnostics_do_not_depend_on_what_ran_before_in_the_process(tmp_pa
     assert runs[0] == runs[1]
 
 
+@pytest.mark.parametrize("pair_encoder", ["difference", "linear"])
 @pytest.mark.parametrize("variational", [False, True])
-def test_rescaling_z_keeps_every_margin(variational):
+def test_rescaling_z_keeps_every_margin(variational, pair_encoder):
     torch.manual_seed(2)
-    model = PreferenceEncoder(feature_dim=6, z_dim=3, hidden=8, variational=variational).eval()
+    model = PreferenceEncoder(
+        feature_dim=6, z_dim=3, hidden=8, variational=variational, pair_encoder=pair_encoder
+    ).eval()
     w, lo, x1, x2 = (torch.randn(2, 4, 6) for _ in range(4))
     z, logvar = model.encode(w, lo)
     before = model.margin(z[:, None], x1, x2)
