@@ -394,7 +394,9 @@ class EncoderConfig(Section):
     pair_encoder: Literal["difference", "linear", "mlp"] = Field(
         "linear",
         description="Pair encoder over (g(preferred), g(dispreferred), difference): linear (z is then a linear "
-        "read of the pooled pairs, which is what carried over to unseen users best) or a two-layer MLP.",
+        "read of the pooled pairs, which is what carried over to unseen users best) or a two-layer MLP; "
+        "difference: linear over g(preferred) - g(dispreferred) alone (z an affine map of the mean basis "
+        "difference of the K pairs).",
     )
     pooling: Literal["mean", "attention"] = Field(
         "mean",

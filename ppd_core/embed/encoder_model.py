@@ -5,8 +5,8 @@ Following the amortized user encoders of VPL and the low-rank user spaces of PAL
 - a **reward basis** g: standardised image features (D,) -> (z_dim,), linear; a user with vector z scores
   an image as ``r(z, x) = z . g(x)``, so a labelled pair is explained by ``z . (g(x_w) - g(x_l))``
   (Bradley-Terry);
-- a **pair encoder** over (g(preferred), g(dispreferred), their difference) -> (hidden,): linear or a
-  two-layer MLP; or, ``difference`` (the default), linear over the difference g(preferred) - g(dispreferred)
+- a **pair encoder** over (g(preferred), g(dispreferred), their difference) -> (hidden,): linear (the
+  default) or a two-layer MLP; or ``difference``: linear over the difference g(preferred) - g(dispreferred)
   alone;
 - a **permutation-invariant set pooling** over the K pairs (mean, or attention with one learned query);
 - a head -> z (z_dim,) (linear, or GELU + linear after an MLP pair encoder), or a Gaussian over z (mean,
@@ -16,10 +16,10 @@ Why linear: the diffusion adapter reads z linearly, so what matters is how well 
 recovers the user's taste for users never trained on. On the synthetic world (where the truth is known)
 a linear read of the true preference vector from unseen users' z reached cosine 0.52 with the linear pair
 encoder and 0.34-0.48 with MLPs of the same held-out pair accuracy: the MLPs fit the training users'
-contexts in ways that do not carry over. Why the difference alone by default: z is then a linear map of the
-mean basis difference of the K pairs, the direction one Bradley-Terry gradient step from a zero prior
-takes, so a pair's shared base style (g(preferred) + g(dispreferred)), which says nothing about taste,
-cannot enter z; unseen users' read rose on every world tested (docs/encoder.md).
+contexts in ways that do not carry over. The ``difference`` encoder goes one step further: z is an affine
+map of the mean basis difference of the K pairs (the direction one Bradley-Terry gradient step from a zero
+prior takes), so a pair's shared base style cannot enter z. It reads unseen users' taste better on every
+world tested, but new users' images did not follow (docs/encoder.md), so it is an option.
 
 Shapes: B shot sets, K pairs per set (a mask marks real pairs when sets differ in size), D features.
 The constructor arguments (``config()``) travel with the weights, so a saved encoder rebuilds itself.
