@@ -32,7 +32,7 @@ def fit_bradley_terry(
 ) -> dict[str, float]:
     """Fit ``basis`` and ``users`` on standardised pair differences ``diffs`` (P, D), the p-th pair's user
     vector being ``users(user_inputs[p])``. Returns the final loss and training accuracy."""
-    params = [*basis.parameters(), *users.parameters()]
+    params = [basis.weight, *users.parameters()]
     opt = torch.optim.Adam(params, lr=lr)
     for _ in range(steps):
         margin = (users(user_inputs) * basis(diffs)).sum(-1)  # (P,)
