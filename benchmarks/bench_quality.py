@@ -8,8 +8,14 @@ interval) of PPD, the K-shot ceiling (``ppd_shots``), the true-vector ceiling (`
 against the base model, for seen and unseen users; PPD against population DPO; the held-out pair accuracy of
 unseen users from their K shots for every embedder and for the population model; the quality targets met.
 
+With ``--train-seeds 0 1 2`` every world is run once per trainers' seed (``train.seed``; Stage 1 is cached and
+shared) and its figures and targets are those of the runs judged together (``ppd_core.evaluate.report.pooled``:
+the comparisons of all runs, each user one bootstrap cluster), with each run's own figures under ``runs``. One
+training run moves a new-user win rate by up to 0.15 (docs/quality.md), so a target is judged on the pool.
+
     python benchmarks/bench_quality.py                       # seeds 0 1 2, one after another
     python benchmarks/bench_quality.py --seeds 1 2 --jobs 2  # two worlds at once (one core each is slower)
+    python benchmarks/bench_quality.py --train-seeds 0 1 2   # three training runs per world, judged pooled
 """
 
 from __future__ import annotations
@@ -56,9 +62,8 @@ def run_world(seed: int, root: Path, config: str, extra: list[str]) -> dict:
     return {"dirs": dirs, "wall_s": round(time.time() - started, 1)}
 
 
-def figures(dirs: dict) -> dict:
-    """The new-user figures of one run, from its evaluate and probe summaries."""
-    summary = json.loads((Path(dirs["evaluate"]) / "summary.json").read_text())
+def figures(summary: dict) -> dict:
+    """The new-user figures of an evaluation summary (or of a pooled one) and its targets."""
     head = summary["headline"]
     out: dict = {}
     for group in ("seen", "unseen"):
@@ -71,11 +76,44 @@ def figures(dirs: dict) -> dict:
     return out
 
 
+def world_figures(seed: int, args: argparse.Namespace) -> dict:
+    """One world: a run per trainers' seed; with several, the pooled figures beside each run's."""
+    runs, evaluations, wall = {}, [], 0.0
+    for train_seed in args.train_seeds:
+        extra = [*args.extra, f"train.seed={train_seed}"] if len(args.train_seeds) > 1 else args.extra
+        run = run_world(seed, args.root / f"world-{seed}", args.config, extra)
+        evaluate = Path(run["dirs"]["evaluate"])
+        summary = json.loads((evaluate / "summary.json").read_text())
+        runs[str(train_seed)] = {"wall_s": run["wall_s"], **figures(summary)}
+        evaluations.append(evaluate)
+        wall += run["wall_s"]
+    if len(runs) == 1:
+        return next(iter(runs.values()))
+    from ppd_core.config import load_config
+    from ppd_core.evaluate.report import pooled
+
+    pool = pooled(load_config(args.config, args.extra), evaluations)
+    stage1 = json.loads((evaluations[0] / "summary.json").read_text()).get("stage1", {})
+    return {
+        "wall_s": round(wall, 1),
+        "train_seeds": args.train_seeds,
+        **figures(pool | {"stage1": stage1}),
+        "runs": runs,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="world seeds")
+    parser.add_argument(
+        "--train-seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="trainers' seeds (train.seed) per world; with several, targets are judged on their pooled figures",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="worlds run at once")
     parser.add_argument(
         "--root", type=Path, default=REPO / "runs" / "bench_quality", help="run roots' parent"
@@ -85,9 +123,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
+    if len(args.train_seeds) > 1 and any(e.startswith("train.seed=") for e in args.extra):
+        parser.error("--train-seeds sets train.seed; do not also pass it with --set")
+
     def one(seed: int) -> tuple[int, dict]:
-        run = run_world(seed, args.root / f"world-{seed}", args.config, args.extra)
-        return seed, {"wall_s": run["wall_s"], **figures(run["dirs"])}
+        return seed, world_figures(seed, args)
 
     import torch
 
@@ -100,6 +140,7 @@ def main() -> None:
         },
         "config": Path(args.config).name,
         "overrides": args.extra,
+        "train_seeds": args.train_seeds,
         "worlds": {},
     }
     worlds: dict[int, dict] = {}
@@ -124,8 +165,9 @@ def main() -> None:
                     f"{key} {r['win_rate']:.3f} gain {r['reward_gain']:.2f} [{r['reward_gain_low']:.2f}]"
                 )
         met = sum(1 for t in w["targets"] if t["met"])
+        pooled = f", {len(w['runs'])} training runs pooled" if "runs" in w else ""
         print(
-            f"world {seed} ({w['wall_s']} s): "
+            f"world {seed} ({w['wall_s']} s{pooled}): "
             + "; ".join(cells)
             + f"; targets met {met}/{len(w['targets'])}"
         )

@@ -12,7 +12,7 @@ import datetime as dt
 import html
 import io
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -21,9 +21,11 @@ matplotlib.use("Agg")  # headless: no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
 
 from ppd_core.config import PPDConfig  # noqa: E402
-from ppd_core.evaluate.judging import COMPARISON_PAIRS  # noqa: E402
+from ppd_core.errors import InputError  # noqa: E402
+from ppd_core.evaluate.judging import COMPARISON_PAIRS, win_rate_tables  # noqa: E402
 from ppd_core.models.grids import save_grid  # noqa: E402
 
 GRID_USERS = 8  # rows per model grid
@@ -154,6 +156,37 @@ def summarize(
         "rewards_skipped": skipped,
         "requests": requests.num_rows,
         "users": len(set(requests.column("user_id").to_pylist())),
+    }
+
+
+def pooled(cfg: PPDConfig, evaluate_dirs: Sequence[Path]) -> dict:
+    """Headline figures and targets of several evaluations of the same users judged as one, e.g. one run per
+    trainers' seed (``train.seed``), so that a target is not decided by one training run.
+
+    The runs' comparisons are concatenated and win rates computed as the evaluate stage does (same judge,
+    bootstrap and confidence from ``cfg``); every user's rows from all runs form one bootstrap cluster, so the
+    interval covers the users, not the runs. The Stage-1 figures are the first run's (the probe does not depend
+    on the trainers); the interpolation check is per run and not pooled."""
+    if not evaluate_dirs:
+        raise InputError("no evaluation to pool")
+    summaries = [json.loads((Path(d) / "summary.json").read_text()) for d in evaluate_dirs]
+    tables = [pq.read_table(Path(d) / "comparisons.parquet") for d in evaluate_dirs]
+    users = [
+        sorted(set(zip(*(t.column(c).to_pylist() for c in ("group", "user_id")), strict=True)))
+        for t in tables
+    ]
+    judges = {s["primary_judge"] for s in summaries}
+    if any(u != users[0] for u in users) or len(judges) != 1:
+        raise InputError(
+            f"cannot pool {[str(d) for d in evaluate_dirs]}: they evaluate different users or judges "
+            "(pool only runs of one world that differ in the trainers)"
+        )
+    rates, _ = win_rate_tables(cfg, pa.concat_tables(tables))
+    head = headline(rates, judges.pop())
+    return {
+        "runs": len(tables),
+        "headline": head,
+        "targets": targets(head, pa.table({}), summaries[0]["stage1"]),
     }
 
 

@@ -265,3 +265,49 @@ def test_another_process_computes_identical_tables_from_the_same_inputs(small_ru
     for summary in summaries:
         summary.pop("created_at")
     assert json.dumps(summaries[0], sort_keys=True) == json.dumps(summaries[1], sort_keys=True)
+
+
+def test_runs_of_one_world_pool_into_one_verdict(evaluated, tmp_path):
+    """Several training runs of the same users are judged together: their rows are concatenated, each user one
+    bootstrap cluster; one run alone reproduces its own summary, and runs of other users are refused."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from ppd_core.errors import InputError
+    from ppd_core.evaluate.report import pooled
+
+    cfg, out = evaluated
+    summary = json.loads((out / "summary.json").read_text())
+    alone = pooled(cfg, [out])
+    assert alone["headline"] == summary["headline"]
+    assert [t for t in alone["targets"] if not t["target"].startswith("interpolation")] == [
+        t for t in summary["targets"] if not t["target"].startswith("interpolation")
+    ]
+
+    # a second "run" in which every judged outcome of every comparison is reversed
+    comparisons = pq.read_table(out / "comparisons.parquet")
+    outcome = comparisons["outcome"]
+    flipped = pc.if_else(pc.equal(outcome, -1), -1, pc.subtract(1, outcome)).cast(outcome.type)
+    other = tmp_path / "other"
+    other.mkdir()
+    pq.write_table(
+        comparisons.set_column(comparisons.schema.get_field_index("outcome"), "outcome", flipped),
+        other / "comparisons.parquet",
+    )
+    (other / "summary.json").write_text(json.dumps(summary))
+    both = pooled(cfg, [out, other])
+    assert both["runs"] == 2
+    for key, row in both["headline"].items():
+        assert row["n"] == 2 * summary["headline"][key]["n"]
+        assert row["n_users"] == summary["headline"][key]["n_users"]  # users, not runs, are the clusters
+        if summary["headline"][key]["inconsistency_rate"] < 1:
+            assert row["win_rate"] == pytest.approx(0.5)
+
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    users = comparisons["user_id"].to_pylist()
+    renamed = pa.array([u + 10_000 for u in users], comparisons.schema.field("user_id").type)
+    pq.write_table(comparisons.set_column(0, "user_id", renamed), stranger / "comparisons.parquet")
+    (stranger / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(InputError, match="different users"):
+        pooled(cfg, [out, stranger])
