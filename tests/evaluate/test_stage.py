@@ -228,6 +228,7 @@ print(pipeline.run_stages(small_config(sys.argv[1]), ["evaluate"])["evaluate"].d
 """
 
 
+@pytest.mark.slow  # ~50 s on 2 cores: the whole evaluate stage again in a second process
 def test_another_process_computes_identical_tables_from_the_same_inputs(small_run, tmp_path):
     """Evaluate in a second process with another string-hash seed, on the very same upstream outputs (linked
     into a new root): every table equals this process's, row for row with NaN cells in the same places (an

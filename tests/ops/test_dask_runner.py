@@ -67,6 +67,7 @@ def _dask_workers() -> list[psutil.Process]:
     return found
 
 
+@pytest.mark.slow  # ~90 s on 2 cores: an embed run on threads, then the same on 2 dask workers
 def test_dask_workers_compute_the_thread_runners_shards_bit_for_bit(pipeline_flow, tmp_path):
     root = tmp_path / "run"
     threads = _embed(pipeline_flow(_cfg(root, "threads"), ["embed"]))
