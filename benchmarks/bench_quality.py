@@ -93,11 +93,10 @@ def world_figures(seed: int, args: argparse.Namespace) -> dict:
     from ppd_core.evaluate.report import pooled
 
     pool = pooled(load_config(args.config, args.extra), evaluations)
-    stage1 = json.loads((evaluations[0] / "summary.json").read_text()).get("stage1", {})
     return {
         "wall_s": round(wall, 1),
         "train_seeds": args.train_seeds,
-        **figures(pool | {"stage1": stage1}),
+        **figures(pool),
         "runs": runs,
     }
 

@@ -183,10 +183,12 @@ def pooled(cfg: PPDConfig, evaluate_dirs: Sequence[Path]) -> dict:
         )
     rates, _ = win_rate_tables(cfg, pa.concat_tables(tables))
     head = headline(rates, judges.pop())
+    stage1 = summaries[0]["stage1"]
     return {
         "runs": len(tables),
         "headline": head,
-        "targets": targets(head, pa.table({}), summaries[0]["stage1"]),
+        "targets": targets(head, pa.table({}), stage1),
+        "stage1": stage1,
     }
 
 

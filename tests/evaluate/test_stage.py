@@ -281,6 +281,7 @@ def test_runs_of_one_world_pool_into_one_verdict(evaluated, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     alone = pooled(cfg, [out])
     assert alone["headline"] == summary["headline"]
+    assert alone["stage1"] == summary["stage1"]
     assert [t for t in alone["targets"] if not t["target"].startswith("interpolation")] == [
         t for t in summary["targets"] if not t["target"].startswith("interpolation")
     ]
