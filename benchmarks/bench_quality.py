@@ -79,8 +79,8 @@ def figures(summary: dict) -> dict:
 def world_figures(seed: int, args: argparse.Namespace) -> dict:
     """One world: a run per trainers' seed; with several, the pooled figures beside each run's."""
     runs, evaluations, wall = {}, [], 0.0
-    for train_seed in args.train_seeds:
-        extra = [*args.extra, f"train.seed={train_seed}"] if len(args.train_seeds) > 1 else args.extra
+    for train_seed in args.train_seeds or [None]:  # None: the config's own train.seed
+        extra = args.extra if train_seed is None else [*args.extra, f"train.seed={train_seed}"]
         run = run_world(seed, args.root / f"world-{seed}", args.config, extra)
         evaluate = Path(run["dirs"]["evaluate"])
         summary = json.loads((evaluate / "summary.json").read_text())
@@ -110,8 +110,9 @@ def main() -> None:
         "--train-seeds",
         type=int,
         nargs="+",
-        default=[0],
-        help="trainers' seeds (train.seed) per world; with several, targets are judged on their pooled figures",
+        default=None,
+        help="trainers' seeds (train.seed) per world, one run each (default: one run at the config's seed); "
+        "with several, targets are judged on their pooled figures",
     )
     parser.add_argument("--jobs", type=int, default=1, help="worlds run at once")
     parser.add_argument(
@@ -122,7 +123,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
-    if len(args.train_seeds) > 1 and any(e.startswith("train.seed=") for e in args.extra):
+    if args.train_seeds and any(e.startswith("train.seed=") for e in args.extra):
         parser.error("--train-seeds sets train.seed; do not also pass it with --set")
 
     def one(seed: int) -> tuple[int, dict]:
