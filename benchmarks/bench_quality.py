@@ -95,7 +95,6 @@ def world_figures(seed: int, args: argparse.Namespace) -> dict:
     pool = pooled(load_config(args.config, args.extra), evaluations)
     return {
         "wall_s": round(wall, 1),
-        "train_seeds": args.train_seeds,
         **figures(pool),
         "runs": runs,
     }

@@ -38,7 +38,8 @@ def embeddings(embed_dir: str) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The partitioned root after 10 days and after 15, and a plain root over all 15 days."""
+    """The partitioned root after 10 days and after 15, and a plain root over all 15 days (three runs, about
+    100 s on 2 cores: every test that uses them is in the slow suite)."""
     base = tmp_path_factory.mktemp("partitioned")
     root = str(base / "part")
     first = run_json("--root", root, *WORLD, "--stages", "embed", "--partitioned", "--end", DAYS[9])
@@ -53,7 +54,7 @@ def _partition_manifests(root: str) -> dict[str, Path]:
     return {p.parent.parent.name.split("=")[1]: p for p in found}
 
 
-@pytest.mark.slow  # the three runs of the module's fixture take about 100 s on 2 cores
+@pytest.mark.slow
 def test_only_the_new_days_are_ingested_and_the_union_names_every_day(runs):
     root, first, before, second, _ = runs
     assert first["ingest"]["partitions"]["computed"] == DAYS[:10]
@@ -75,7 +76,7 @@ def test_only_the_new_days_are_ingested_and_the_union_names_every_day(runs):
     assert second["ingest"]["fingerprint"] != first["ingest"]["fingerprint"]
 
 
-@pytest.mark.slow  # the three runs of the module's fixture take about 100 s on 2 cores
+@pytest.mark.slow
 def test_existing_sets_stay_and_only_new_sets_are_embedded(runs):
     root, first, _, second, _ = runs
     old, new = shot_sets(first["fewshot"]["output_dir"]), shot_sets(second["fewshot"]["output_dir"])
@@ -95,7 +96,7 @@ def test_existing_sets_stay_and_only_new_sets_are_embedded(runs):
     assert all(emb_new[sid] == emb_old[sid] for sid in set(new) & set(old))
 
 
-@pytest.mark.slow  # the three runs of the module's fixture take about 100 s on 2 cores
+@pytest.mark.slow
 def test_the_union_equals_a_plain_run_over_all_days(runs):
     _, _, _, second, plain = runs
     assert "partitions" not in plain["ingest"]

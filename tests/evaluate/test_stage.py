@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from ppd_core.errors import InputError
+from ppd_core.evaluate.report import pooled
 from ppd_core.manifest import is_complete
 from ppd_core.schemas import COMPARISONS, WIN_RATES
 
@@ -271,12 +275,6 @@ def test_another_process_computes_identical_tables_from_the_same_inputs(small_ru
 def test_runs_of_one_world_pool_into_one_verdict(evaluated, tmp_path):
     """Several training runs of the same users are judged together: their rows are concatenated, each user one
     bootstrap cluster; one run alone reproduces its own summary, and runs of other users are refused."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from ppd_core.errors import InputError
-    from ppd_core.evaluate.report import pooled
-
     cfg, out = evaluated
     summary = json.loads((out / "summary.json").read_text())
     alone = pooled(cfg, [out])
