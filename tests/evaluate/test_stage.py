@@ -174,6 +174,7 @@ def test_report_is_written_for_people(evaluated):
     assert text.count("interpolation between reward users") >= 1
 
 
+@pytest.mark.slow  # ~65 s on 2 cores; the worker-process mapping itself is also checked by tests/rewards/test_relabel.py
 def test_generation_and_scoring_shards_over_worker_processes_equal_the_serial_loop(small_run):
     """The evaluate batches as shards, mapped over two spawned worker processes (results in any order):
     images and reward scores equal the one-process loop bit for bit."""
