@@ -584,6 +584,12 @@ class TrainConfig(Section):
         "on real data). None: skip it.",
     )
     seed: int = Field(0, description="Seed of initialisation, data order, noise and timesteps.")
+    conditioning: Literal["shot_set", "user_mean"] = Field(
+        "shot_set",
+        description="What a training pair of a user-conditioned trainer reads: shot_set, the embedding of one of its "
+        "user's K-shot sets that does not contain it (chosen by the fewshot stage); user_mean, the mean embedding of "
+        "all its user's shot sets except the one that contains it (a less noisy reading of the same user).",
+    )
     steps: int = Field(
         200, ge=1, description="Optimizer steps (200 x 16 pairs on the toy world keeps make demo in budget)."
     )

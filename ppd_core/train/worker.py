@@ -65,10 +65,47 @@ def ds_config(cfg: PPDConfig, pairs_per_rank: int) -> dict:
     return conf
 
 
+class _UserMean:
+    """``train.conditioning = user_mean``: a pair reads the mean embedding of its user's shot sets, leaving out the
+    set that holds the pair (so its own label never conditions it). Per-user sums are kept, not one vector per pair,
+    so memory grows with users, not pairs."""
+
+    def __init__(self, fewshot_dir: Path, table, embeddings: torch.Tensor):
+        sets = read_fewshot(fewshot_dir, "shot_sets", columns=["shot_set_id", "pair_ids"]).to_pylist()
+        self.set_of_pair = {p: s["shot_set_id"] for s in sets for p in s["pair_ids"]}
+        self.row_of_set = {sid: i for i, sid in enumerate(table.column("shot_set_id").to_pylist())}
+        users = table.column("user_id").to_pylist()
+        self.user_of_set = dict(zip(self.row_of_set, users, strict=True))
+        self.embeddings = embeddings
+        self.sums, self.counts = {}, {}
+        for i, uid in enumerate(users):
+            self.sums[uid] = self.sums.get(uid, 0) + embeddings[i].double()
+            self.counts[uid] = self.counts.get(uid, 0) + 1
+
+    def __call__(self, rows: list[dict]) -> torch.Tensor:
+        out = []
+        for r in rows:
+            uid, own = r["user_id"], self.set_of_pair.get(r["pair_id"])
+            total, count = self.sums[uid], self.counts[uid]
+            if own is not None and self.user_of_set.get(own) == uid:
+                total, count = total - self.embeddings[self.row_of_set[own]].double(), count - 1
+            if count < 1:  # the pair's own set is its user's only one: the fewshot stage drops such pairs
+                raise RuntimeError(f"pair {r['pair_id']}: its user has no shot set without it")
+            out.append((total / count).to(self.embeddings.dtype))
+        return torch.stack(out)
+
+
 class TrainData:
     """Training pairs with their x0, text states and conditioning embeddings."""
 
-    def __init__(self, spec: dict, objective: Objective, device: torch.device, like: TrainData | None = None):
+    def __init__(
+        self,
+        spec: dict,
+        objective: Objective,
+        device: torch.device,
+        like: TrainData | None = None,
+        conditioning: str = "shot_set",
+    ):
         dirs = {k: Path(v) for k, v in spec["dirs"].items()}
         if like is not None:  # another run of the same launch: the same pairs and latent cache
             self.pairs, self.cache = like.pairs, like.cache
@@ -88,12 +125,17 @@ class TrainData:
             self.user_first_set.setdefault(uid, sid)
         self.objective = objective
         self.device = device
+        self.user_mean = None
+        if conditioning == "user_mean" and objective.conditioned:
+            self.user_mean = _UserMean(dirs["fewshot"], table, self.embeddings)
 
     def condition(self, rows: list[dict], shot_set_ids: list[str] | None = None) -> torch.Tensor:
         """(P, *embedding_shape): the conditioning shot set's embedding, or the constant zero embedding for an
         objective that does not read the user."""
         if not self.objective.conditioned:
             return torch.zeros((len(rows), *self.embedding_shape), device=self.device)
+        if self.user_mean is not None and shot_set_ids is None:
+            return self.user_mean(rows)
         ids = shot_set_ids or [r["shot_set_id"] for r in rows]
         return self.embeddings[torch.as_tensor([self.by_set[s] for s in ids], device=self.device)]
 
@@ -236,7 +278,7 @@ def start_run(cfg: PPDConfig, spec: dict, me: Rank, backbone, like: TrainData | 
     from ppd_core.train.checkpoint import capture_rng, restore_rng
 
     objective = OBJECTIVES[spec["trainer"]]
-    data = TrainData(spec, objective, me.device, like)
+    data = TrainData(spec, objective, me.device, like, cfg.train.conditioning)
     adapter = backbone.new_adapter(
         data.embedding_shape, num_tokens=cfg.adapter.num_tokens, rows=cfg.adapter.rows, seed=cfg.train.seed
     )

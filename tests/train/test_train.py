@@ -7,12 +7,15 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from ppd_core import pipeline
 from ppd_core.config import load_config
+from ppd_core.data.fewshot import read_fewshot
+from ppd_core.embed.extract import read_embeddings
 from ppd_core.models.factory import load_backbone
 from ppd_core.train import launch
 from ppd_core.train.objectives import OBJECTIVES
@@ -22,7 +25,7 @@ from ppd_core.train.worker import TrainData
 BASE = [
     "world.num_users=16",
     "world.mean_pairs_per_user=30",
-    "embed.embedders=[{name: truth, kind: true_preference}]",
+    "embed.embedders=[{name: truth, kind: true_preference}, {name: shots, kind: true_attribute_diff}]",
     "embed.default=truth",
     "pretrain.steps=3",
     "pretrain.batch_size=16",
@@ -71,6 +74,31 @@ def test_first_dpo_loss_is_ln2_and_only_the_adapter_learns(prepared):
     assert all(torch.equal(frozen[k], after_unet[k]) for k in frozen)
     changed = {k: not torch.equal(before[k], v) for k, v in adapter.state_dict().items()}
     assert all(changed.values()), [k for k, c in changed.items() if not c]
+
+
+def test_user_mean_conditioning_reads_the_users_other_shot_sets(prepared):
+    cfg, dirs = prepared
+    spec = {"dirs": {k: str(v) for k, v in _spec_dirs(dirs).items()}, "embedder": "shots"}
+    cpu = torch.device("cpu")
+    plain = TrainData(spec, OBJECTIVES["ppd"], cpu)
+    mean = TrainData(spec, OBJECTIVES["ppd"], cpu, conditioning="user_mean")
+    table, emb = read_embeddings(dirs["embed"], "shots")
+    row = {sid: i for i, sid in enumerate(table.column("shot_set_id").to_pylist())}
+    sets = read_fewshot(dirs["fewshot"], "shot_sets", columns=["shot_set_id", "user_id", "pair_ids"]).to_pylist()
+    rows = mean.pairs
+    got = mean.condition(rows)
+    in_a_set = 0
+    for r, g in zip(rows, got, strict=True):
+        mine = [s for s in sets if s["user_id"] == r["user_id"]]
+        others = [emb[row[s["shot_set_id"]]] for s in mine if r["pair_id"] not in s["pair_ids"]]
+        in_a_set += len(others) < len(mine)
+        np.testing.assert_allclose(g.numpy(), np.mean(others, axis=0), rtol=1e-5, atol=1e-6)
+    assert in_a_set > 0  # the pair's own set is left out for real
+    assert not torch.equal(got, plain.condition(rows))  # shot-set conditioning reads one set
+    expected = plain.embeddings[[plain.by_set[r["shot_set_id"]] for r in rows]]
+    assert torch.equal(plain.condition(rows), expected)
+    population = TrainData(spec, OBJECTIVES["dpo"], cpu, conditioning="user_mean")
+    assert not population.condition(rows).any()
 
 
 def _run(cfg, dirs, out: Path, *overrides, progress=None):
