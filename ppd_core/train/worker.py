@@ -75,7 +75,6 @@ class _UserMean:
         self.set_of_pair = {p: s["shot_set_id"] for s in sets for p in s["pair_ids"]}
         self.row_of_set = {sid: i for i, sid in enumerate(table.column("shot_set_id").to_pylist())}
         users = table.column("user_id").to_pylist()
-        self.user_of_set = dict(zip(self.row_of_set, users, strict=True))
         self.embeddings = embeddings
         self.sums, self.counts = {}, {}
         for i, uid in enumerate(users):
@@ -87,7 +86,7 @@ class _UserMean:
         for r in rows:
             uid, own = r["user_id"], self.set_of_pair.get(r["pair_id"])
             total, count = self.sums[uid], self.counts[uid]
-            if own is not None and self.user_of_set.get(own) == uid:
+            if own is not None:
                 total, count = total - self.embeddings[self.row_of_set[own]].double(), count - 1
             if count < 1:  # the pair's own set is its user's only one: the fewshot stage drops such pairs
                 raise RuntimeError(f"pair {r['pair_id']}: its user has no shot set without it")
@@ -130,8 +129,9 @@ class TrainData:
             self.user_mean = _UserMean(dirs["fewshot"], table, self.embeddings)
 
     def condition(self, rows: list[dict], shot_set_ids: list[str] | None = None) -> torch.Tensor:
-        """(P, *embedding_shape): the conditioning shot set's embedding, or the constant zero embedding for an
-        objective that does not read the user."""
+        """(P, *embedding_shape): the conditioning shot set's embedding (under ``train.conditioning = user_mean``
+        the mean of the user's other sets, unless ``shot_set_ids`` names the sets, as the held-out accuracy and
+        the validation grids do), or the constant zero embedding for an objective that does not read the user."""
         if not self.objective.conditioned:
             return torch.zeros((len(rows), *self.embedding_shape), device=self.device)
         if self.user_mean is not None and shot_set_ids is None:

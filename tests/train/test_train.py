@@ -84,7 +84,9 @@ def test_user_mean_conditioning_reads_the_users_other_shot_sets(prepared):
     mean = TrainData(spec, OBJECTIVES["ppd"], cpu, conditioning="user_mean")
     table, emb = read_embeddings(dirs["embed"], "shots")
     row = {sid: i for i, sid in enumerate(table.column("shot_set_id").to_pylist())}
-    sets = read_fewshot(dirs["fewshot"], "shot_sets", columns=["shot_set_id", "user_id", "pair_ids"]).to_pylist()
+    sets = read_fewshot(
+        dirs["fewshot"], "shot_sets", columns=["shot_set_id", "user_id", "pair_ids"]
+    ).to_pylist()
     rows = mean.pairs
     got = mean.condition(rows)
     in_a_set = 0
