@@ -67,15 +67,14 @@ def ds_config(cfg: PPDConfig, pairs_per_rank: int) -> dict:
 
 class _UserMean:
     """``train.conditioning = user_mean``: a pair reads the mean embedding of its user's shot sets, leaving out the
-    set that holds the pair (so its own label never conditions it). Per-user sums are kept, not one vector per pair,
-    so memory grows with users, not pairs."""
+    set that holds the pair (so its own label never conditions it). ``row_of_set`` and ``users`` index the embedding
+    rows (``TrainData.by_set`` and each row's user). Per-user sums are kept, not one vector per pair, so memory grows
+    with users, not pairs."""
 
-    def __init__(self, fewshot_dir: Path, table, embeddings: torch.Tensor):
+    def __init__(self, fewshot_dir: Path, row_of_set: dict, users: list, embeddings: torch.Tensor):
         sets = read_fewshot(fewshot_dir, "shot_sets", columns=["shot_set_id", "pair_ids"]).to_pylist()
         self.set_of_pair = {p: s["shot_set_id"] for s in sets for p in s["pair_ids"]}
-        self.row_of_set = {sid: i for i, sid in enumerate(table.column("shot_set_id").to_pylist())}
-        users = table.column("user_id").to_pylist()
-        self.embeddings = embeddings
+        self.row_of_set, self.embeddings = row_of_set, embeddings
         self.sums, self.counts = {}, {}
         for i, uid in enumerate(users):
             self.sums[uid] = self.sums.get(uid, 0) + embeddings[i].double()
@@ -126,7 +125,8 @@ class TrainData:
         self.device = device
         self.user_mean = None
         if conditioning == "user_mean" and objective.conditioned:
-            self.user_mean = _UserMean(dirs["fewshot"], table, self.embeddings)
+            users = table.column("user_id").to_pylist()
+            self.user_mean = _UserMean(dirs["fewshot"], self.by_set, users, self.embeddings)
 
     def condition(self, rows: list[dict], shot_set_ids: list[str] | None = None) -> torch.Tensor:
         """(P, *embedding_shape): the conditioning shot set's embedding (under ``train.conditioning = user_mean``
