@@ -67,14 +67,13 @@ def ds_config(cfg: PPDConfig, pairs_per_rank: int) -> dict:
 
 class _UserMean:
     """``train.conditioning = user_mean``: a pair reads the mean embedding of its user's shot sets, leaving out the
-    set that holds the pair (so its own label never conditions it). ``row_of_set`` and ``users`` index the embedding
-    rows (``TrainData.by_set`` and each row's user). Per-user sums are kept, not one vector per pair, so memory grows
+    set that holds the pair (so its own label never conditions it). ``set_of_pair``: pair id -> the shot set holding
+    it (one map per launch); ``row_of_set`` and ``users`` index the embedding rows (``TrainData.by_set`` and each
+    row's user). Per-user sums are kept, not one vector per pair, so memory grows
     with users, not pairs."""
 
-    def __init__(self, fewshot_dir: Path, row_of_set: dict, users: list, embeddings: torch.Tensor):
-        sets = read_fewshot(fewshot_dir, "shot_sets", columns=["shot_set_id", "pair_ids"]).to_pylist()
-        self.set_of_pair = {p: s["shot_set_id"] for s in sets for p in s["pair_ids"]}
-        self.row_of_set, self.embeddings = row_of_set, embeddings
+    def __init__(self, set_of_pair: dict, row_of_set: dict, users: list, embeddings: torch.Tensor):
+        self.set_of_pair, self.row_of_set, self.embeddings = set_of_pair, row_of_set, embeddings
         self.sums, self.counts = {}, {}
         for i, uid in enumerate(users):
             self.sums[uid] = self.sums.get(uid, 0) + embeddings[i].double()
@@ -105,28 +104,34 @@ class TrainData:
         conditioning: str = "shot_set",
     ):
         dirs = {k: Path(v) for k, v in spec["dirs"].items()}
-        if like is not None:  # another run of the same launch: the same pairs and latent cache
-            self.pairs, self.cache = like.pairs, like.cache
+        if (
+            like is not None
+        ):  # another run of the same launch: the same pairs, latent cache and set membership
+            self.pairs, self.cache, self.set_of_pair = like.pairs, like.cache, like.set_of_pair
         else:
             self.pairs = read_fewshot(dirs["fewshot"], "train_pairs").to_pylist()
             if not self.pairs:
                 raise RuntimeError("no training pairs")
             self.cache = LatentCache(dirs["cache_latents"], device).preload()
+            self.set_of_pair = None
+            if conditioning == "user_mean":
+                sets = read_fewshot(
+                    dirs["fewshot"], "shot_sets", columns=["shot_set_id", "pair_ids"]
+                ).to_pylist()
+                self.set_of_pair = {p: s["shot_set_id"] for s in sets for p in s["pair_ids"]}
         table, emb = read_embeddings(dirs["embed"], spec["embedder"])
         self.embedding_shape = tuple(emb.shape[1:])
         self.by_set = {sid: i for i, sid in enumerate(table.column("shot_set_id").to_pylist())}
         self.embeddings = torch.from_numpy(emb).to(device)  # (S, *shape)
+        users = table.column("user_id").to_pylist()
         self.user_first_set = {}
-        for sid, uid in zip(
-            table.column("shot_set_id").to_pylist(), table.column("user_id").to_pylist(), strict=True
-        ):
+        for sid, uid in zip(table.column("shot_set_id").to_pylist(), users, strict=True):
             self.user_first_set.setdefault(uid, sid)
         self.objective = objective
         self.device = device
         self.user_mean = None
         if conditioning == "user_mean" and objective.conditioned:
-            users = table.column("user_id").to_pylist()
-            self.user_mean = _UserMean(dirs["fewshot"], self.by_set, users, self.embeddings)
+            self.user_mean = _UserMean(self.set_of_pair, self.by_set, users, self.embeddings)
 
     def condition(self, rows: list[dict], shot_set_ids: list[str] | None = None) -> torch.Tensor:
         """(P, *embedding_shape): the conditioning shot set's embedding (under ``train.conditioning = user_mean``
