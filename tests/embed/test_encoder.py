@@ -127,6 +127,7 @@ def test_attention_pooled_members_are_refused():
         load_config(None, ["encoder.members=2", "encoder.pooling=attention"], environ={})
 
 
+@pytest.mark.slow  # ~25 s on 2 cores; members are an option (default 1); the default encoder's kill and resume is test_a_killed_encoder_stage_resumes_to_the_same_weights
 def test_members_train_under_their_own_directories_and_a_kill_resumes_only_the_unfinished_one(tmp_path):
     cfg = _cfg(tmp_path / "killed", "encoder.members=2")
     ups = pipeline.run_stages(cfg, ["fewshot", "ingest", "tiny_models"])

@@ -69,6 +69,7 @@ def test_a_cached_run_reuses_the_server_of_the_first_run(tmp_path, stop_servers)
     assert not list((root / ".prefect" / CLIENTS_DIR).glob("*.json"))  # the commands unregistered
 
 
+@pytest.mark.slow  # ~40 s on 2 cores: waits out the idle periods twice
 def test_the_server_stops_itself_when_unused_but_not_while_a_client_lives(tmp_path):
     root = tmp_path / "run"
     root.mkdir()

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from ppd_core.layout import RunLayout
 from ppd_core.manifest import is_complete
 from tests.ops.conftest import REPO, TINY_WORLD
@@ -107,6 +109,7 @@ def test_retried_flow_run_recomputes_only_the_failed_stage(ppd, api, prefect_ser
     assert _manifest_times(root, upstream) == written  # upstream outputs untouched
 
 
+@pytest.mark.slow  # ~50 s on 2 cores: a run killed mid-flow, then status
 def test_a_killed_run_is_shown_crashed_not_running(tmp_path):
     """`ppd run` killed with SIGKILL (its whole process group, the embedded API included) mid-flow: the next
     `ppd status` marks the flow run and its unfinished stage Crashed in Prefect and shows them so."""

@@ -114,6 +114,7 @@ def _adapter_weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "export" / "ip_adapter.safetensors"))
 
 
+@pytest.mark.slow  # ~90 s on 2 cores: a 2-rank DeepSpeed launch (ZeRO-2); the 1-rank launch runs in every trainer test
 def test_two_process_deepspeed_run(prepared, tmp_path):
     cfg, dirs = prepared
     reports: list[tuple[int, int]] = []
@@ -144,6 +145,7 @@ def test_two_process_deepspeed_run(prepared, tmp_path):
     assert list((tmp_path / "two" / "tensorboard").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow  # ~2 min on 2 cores: three launches; checkpoint resume itself is also checked by test_sampler_checkpoint_launch
 def test_kill_9_then_resume_equals_an_uninterrupted_run(prepared, tmp_path):
     cfg, dirs = prepared
     straight = tmp_path / "straight"
