@@ -585,10 +585,11 @@ class TrainConfig(Section):
     )
     seed: int = Field(0, description="Seed of initialisation, data order, noise and timesteps.")
     conditioning: Literal["shot_set", "user_mean"] = Field(
-        "shot_set",
-        description="What a training pair of a user-conditioned trainer reads: shot_set, the embedding of one of its "
-        "user's K-shot sets that does not contain it (chosen by the fewshot stage); user_mean, the mean embedding of "
-        "all its user's shot sets except the one that contains it (a less noisy reading of the same user).",
+        "user_mean",
+        description="What a training pair of a user-conditioned trainer reads: user_mean, the mean embedding of all "
+        "its user's shot sets except the one that contains it (a less noisy reading of the user, as seen users are "
+        "evaluated); shot_set, the embedding of one of its user's K-shot sets that does not contain it (chosen by "
+        "the fewshot stage). New users are read from one K-shot set either way.",
     )
     steps: int = Field(
         200, ge=1, description="Optimizer steps (200 x 16 pairs on the toy world keeps make demo in budget)."
