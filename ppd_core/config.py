@@ -584,12 +584,14 @@ class TrainConfig(Section):
         "on real data). None: skip it.",
     )
     seed: int = Field(0, description="Seed of initialisation, data order, noise and timesteps.")
-    conditioning: Literal["shot_set", "user_mean"] = Field(
+    conditioning: Literal["shot_set", "user_mean", "user_subset"] = Field(
         "user_mean",
         description="What a training pair of a user-conditioned trainer reads: user_mean, the mean embedding of all "
         "its user's shot sets except the one that contains it (a less noisy reading of the user, as seen users are "
         "evaluated); shot_set, the embedding of one of its user's K-shot sets that does not contain it (chosen by "
-        "the fewshot stage). New users are read from one K-shot set either way.",
+        "the fewshot stage); user_subset, the mean of that set and k - 1 more of the user's other sets, k uniform "
+        "and the sets drawn per pair by train.seed (both readings in one training). New users are read from one "
+        "K-shot set either way.",
     )
     steps: int = Field(
         200, ge=1, description="Optimizer steps (200 x 16 pairs on the toy world keeps make demo in budget)."

@@ -95,6 +95,12 @@ def conditioning_draw(seed: int, pair_id: str) -> float:
     return _hash_int(f"condition:{seed}:{pair_id}") / 2**64
 
 
+def subset_key(seed: int, pair_id: str, shot_set_id: str = "") -> int:
+    """``train.conditioning = user_subset``: with no set, the number that sizes a training pair's subset of its
+    user's other shot sets; with a set, that set's place among those the subset may add (seeded hashes)."""
+    return _hash_int(f"subset:{seed}:{pair_id}:{shot_set_id}")
+
+
 def unseen_score(user_id: int) -> float:
     """Stable uniform-looking number in [0, 1); the user is unseen when it is < unseen_fraction."""
     return _hash_int(f"{UNSEEN_SALT}:{user_id}") / 2**64

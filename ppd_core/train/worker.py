@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ppd_core.config import BETA_DPO_DEFAULTS, PPDConfig
-from ppd_core.data.fewshot import read_fewshot
+from ppd_core.data.fewshot import read_fewshot, subset_key
 from ppd_core.embed.extract import read_embeddings
 from ppd_core.manifest import atomic_write_json, resume_tensorboard, truncate_jsonl
 from ppd_core.models.factory import load_backbone
@@ -70,19 +70,40 @@ class _UserMean:
     set that holds the pair (so its own label never conditions it). ``set_of_pair``: pair id -> the shot set holding
     it (one map per launch); ``row_of_set`` and ``users`` index the embedding rows (``TrainData.by_set`` and each
     row's user). Per-user sums are kept, not one vector per pair, so memory grows
-    with users, not pairs."""
+    with users, not pairs.
 
-    def __init__(self, set_of_pair: dict, row_of_set: dict, users: list, embeddings: torch.Tensor):
+    ``train.conditioning = user_subset`` (``subset_seed`` given): a pair reads the mean of a subset of those sets
+    instead, fixed per pair for a seed: the set the fewshot stage chose for it, then k - 1 more in a seeded order,
+    k uniform in 1..(its user's sets without the pair). Training then sees one noisy set, as a new user gives, as
+    well as the cleaner means that seen users are evaluated on."""
+
+    def __init__(
+        self, set_of_pair: dict, row_of_set: dict, users: list, embeddings: torch.Tensor, subset_seed=None
+    ):
         self.set_of_pair, self.row_of_set, self.embeddings = set_of_pair, row_of_set, embeddings
-        self.sums, self.counts = {}, {}
+        self.subset_seed = subset_seed
+        self.sums, self.counts, self.sets = {}, {}, {}
+        set_ids = list(row_of_set)
         for i, uid in enumerate(users):
             self.sums[uid] = self.sums.get(uid, 0) + embeddings[i].double()
             self.counts[uid] = self.counts.get(uid, 0) + 1
+            self.sets.setdefault(uid, []).append(set_ids[i])
+
+    def _subset(self, r: dict, own) -> list[int]:
+        """Embedding rows of pair ``r``'s subset (``user_subset``)."""
+        seed, pid, chosen = self.subset_seed, r["pair_id"], r["shot_set_id"]
+        others = [s for s in self.sets[r["user_id"]] if s not in (own, chosen)]
+        k = 1 + int(subset_key(seed, pid) / 2**64 * (len(others) + 1))
+        extra = sorted(others, key=lambda s: subset_key(seed, pid, s))[: k - 1]
+        return [self.row_of_set[s] for s in [chosen, *extra]]
 
     def __call__(self, rows: list[dict]) -> torch.Tensor:
         out = []
         for r in rows:
             uid, own = r["user_id"], self.set_of_pair.get(r["pair_id"])
+            if self.subset_seed is not None:
+                out.append(self.embeddings[self._subset(r, own)].double().mean(0).to(self.embeddings.dtype))
+                continue
             total, count = self.sums[uid], self.counts[uid]
             if own is not None:
                 total, count = total - self.embeddings[self.row_of_set[own]].double(), count - 1
@@ -102,6 +123,7 @@ class TrainData:
         device: torch.device,
         like: TrainData | None = None,
         conditioning: str = "shot_set",
+        seed: int = 0,
     ):
         dirs = {k: Path(v) for k, v in spec["dirs"].items()}
         if (
@@ -114,7 +136,7 @@ class TrainData:
                 raise RuntimeError("no training pairs")
             self.cache = LatentCache(dirs["cache_latents"], device).preload()
             self.set_of_pair = None
-            if conditioning == "user_mean":
+            if conditioning in ("user_mean", "user_subset"):
                 sets = read_fewshot(
                     dirs["fewshot"], "shot_sets", columns=["shot_set_id", "pair_ids"]
                 ).to_pylist()
@@ -130,13 +152,15 @@ class TrainData:
         self.objective = objective
         self.device = device
         self.user_mean = None
-        if conditioning == "user_mean" and objective.conditioned:
-            self.user_mean = _UserMean(self.set_of_pair, self.by_set, users, self.embeddings)
+        if conditioning in ("user_mean", "user_subset") and objective.conditioned:
+            subset_seed = seed if conditioning == "user_subset" else None
+            self.user_mean = _UserMean(self.set_of_pair, self.by_set, users, self.embeddings, subset_seed)
 
     def condition(self, rows: list[dict], shot_set_ids: list[str] | None = None) -> torch.Tensor:
         """(P, *embedding_shape): the conditioning shot set's embedding (under ``train.conditioning = user_mean``
-        the mean of the user's other sets, unless ``shot_set_ids`` names the sets, as the held-out accuracy and
-        the validation grids do), or the constant zero embedding for an objective that does not read the user."""
+        or ``user_subset`` the mean of the user's other sets or of a subset of them, unless ``shot_set_ids`` names
+        the sets, as the held-out accuracy and the validation grids do), or the constant zero embedding for an
+        objective that does not read the user."""
         if not self.objective.conditioned:
             return torch.zeros((len(rows), *self.embedding_shape), device=self.device)
         if self.user_mean is not None and shot_set_ids is None:
@@ -283,7 +307,7 @@ def start_run(cfg: PPDConfig, spec: dict, me: Rank, backbone, like: TrainData | 
     from ppd_core.train.checkpoint import capture_rng, restore_rng
 
     objective = OBJECTIVES[spec["trainer"]]
-    data = TrainData(spec, objective, me.device, like, cfg.train.conditioning)
+    data = TrainData(spec, objective, me.device, like, cfg.train.conditioning, cfg.train.seed)
     adapter = backbone.new_adapter(
         data.embedding_shape, num_tokens=cfg.adapter.num_tokens, rows=cfg.adapter.rows, seed=cfg.train.seed
     )

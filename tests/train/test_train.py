@@ -1,5 +1,6 @@
 """Training through DeepSpeed on CPU: the step's invariants, multi-process runs, exact resume after kill -9."""
 
+import itertools
 import math
 import os
 import signal
@@ -101,6 +102,48 @@ def test_user_mean_conditioning_reads_the_users_other_shot_sets(prepared):
     assert torch.equal(plain.condition(rows), expected)
     population = TrainData(spec, OBJECTIVES["dpo"], cpu, conditioning="user_mean")
     assert not population.condition(rows).any()
+
+
+def test_user_subset_conditioning_reads_a_seeded_subset_of_the_users_other_sets(prepared):
+    cfg, dirs = prepared
+    spec = {"dirs": {k: str(v) for k, v in _spec_dirs(dirs).items()}, "embedder": "shots"}
+    cpu = torch.device("cpu")
+    subset = TrainData(spec, OBJECTIVES["ppd"], cpu, conditioning="user_subset", seed=0)
+    table, emb = read_embeddings(dirs["embed"], "shots")
+    row = {sid: i for i, sid in enumerate(table.column("shot_set_id").to_pylist())}
+    sets = read_fewshot(
+        dirs["fewshot"], "shot_sets", columns=["shot_set_id", "user_id", "pair_ids"]
+    ).to_pylist()
+    rows = subset.pairs
+    got = subset.condition(rows)
+    sizes = []
+    for r, g in zip(rows, got, strict=True):
+        chosen = r["shot_set_id"]  # the fewshot stage's set is always in the subset
+        others = [
+            s["shot_set_id"]
+            for s in sets
+            if s["user_id"] == r["user_id"]
+            and r["pair_id"] not in s["pair_ids"]
+            and s["shot_set_id"] != chosen
+        ]
+        if len(others) > 7:  # which subset it is, by trying them all: 2^7 at most per pair
+            continue
+        match = [
+            len(combo) + 1
+            for k in range(len(others) + 1)
+            for combo in itertools.combinations(others, k)
+            if np.allclose(
+                g.numpy(), np.mean([emb[row[c]] for c in (chosen, *combo)], axis=0), rtol=1e-5, atol=1e-6
+            )
+        ]
+        assert match, r["pair_id"]
+        sizes.append(match[0])
+    assert len(sizes) >= 20  # pairs of users with few sets
+    assert min(sizes) == 1 and max(sizes) > 1  # one set, as a new user gives, and means of several
+    again = TrainData(spec, OBJECTIVES["ppd"], cpu, conditioning="user_subset", seed=0)
+    assert torch.equal(again.condition(rows), got)  # fixed per pair for a seed
+    other = TrainData(spec, OBJECTIVES["ppd"], cpu, conditioning="user_subset", seed=1)
+    assert not torch.equal(other.condition(rows), got)
 
 
 def _run(cfg, dirs, out: Path, *overrides, progress=None):
