@@ -77,17 +77,23 @@ def test_first_dpo_loss_is_ln2_and_only_the_adapter_learns(prepared):
     assert all(changed.values()), [k for k, c in changed.items() if not c]
 
 
-def test_user_mean_conditioning_reads_the_users_other_shot_sets(prepared):
-    cfg, dirs = prepared
+def _shot_sets(prepared):
+    """A train spec on the 'shots' embedder, its embeddings, their row per shot set, and the shot sets."""
+    _, dirs = prepared
     spec = {"dirs": {k: str(v) for k, v in _spec_dirs(dirs).items()}, "embedder": "shots"}
-    cpu = torch.device("cpu")
-    plain = TrainData(spec, OBJECTIVES["ppd"], cpu)
-    mean = TrainData(spec, OBJECTIVES["ppd"], cpu, conditioning="user_mean")
     table, emb = read_embeddings(dirs["embed"], "shots")
     row = {sid: i for i, sid in enumerate(table.column("shot_set_id").to_pylist())}
     sets = read_fewshot(
         dirs["fewshot"], "shot_sets", columns=["shot_set_id", "user_id", "pair_ids"]
     ).to_pylist()
+    return spec, emb, row, sets
+
+
+def test_user_mean_conditioning_reads_the_users_other_shot_sets(prepared):
+    spec, emb, row, sets = _shot_sets(prepared)
+    cpu = torch.device("cpu")
+    plain = TrainData(spec, OBJECTIVES["ppd"], cpu)
+    mean = TrainData(spec, OBJECTIVES["ppd"], cpu, conditioning="user_mean")
     rows = mean.pairs
     got = mean.condition(rows)
     in_a_set = 0
@@ -105,15 +111,9 @@ def test_user_mean_conditioning_reads_the_users_other_shot_sets(prepared):
 
 
 def test_user_subset_conditioning_reads_a_seeded_subset_of_the_users_other_sets(prepared):
-    cfg, dirs = prepared
-    spec = {"dirs": {k: str(v) for k, v in _spec_dirs(dirs).items()}, "embedder": "shots"}
+    spec, emb, row, sets = _shot_sets(prepared)
     cpu = torch.device("cpu")
     subset = TrainData(spec, OBJECTIVES["ppd"], cpu, conditioning="user_subset", seed=0)
-    table, emb = read_embeddings(dirs["embed"], "shots")
-    row = {sid: i for i, sid in enumerate(table.column("shot_set_id").to_pylist())}
-    sets = read_fewshot(
-        dirs["fewshot"], "shot_sets", columns=["shot_set_id", "user_id", "pair_ids"]
-    ).to_pylist()
     rows = subset.pairs
     got = subset.condition(rows)
     sizes = []
