@@ -67,50 +67,50 @@ def ds_config(cfg: PPDConfig, pairs_per_rank: int) -> dict:
 
 class _UserMean:
     """``train.conditioning = user_mean``: a pair reads the mean embedding of its user's shot sets, leaving out the
-    set that holds the pair (so its own label never conditions it). ``set_of_pair``: pair id -> the shot set holding
-    it (one map per launch); ``row_of_set`` and ``users`` index the embedding rows (``TrainData.by_set`` and each
-    row's user). Per-user sums are kept, not one vector per pair, so memory grows
-    with users, not pairs.
+    set that holds the pair (so its own label never conditions it).
 
     ``train.conditioning = user_subset`` (``subset_seed`` given): a pair reads the mean of a subset of those sets
     instead, fixed per pair for a seed: the set the fewshot stage chose for it, then k - 1 more in a seeded order,
     k uniform in 1..(its user's sets without the pair). Training then sees one noisy set, as a new user gives, as
-    well as the cleaner means that seen users are evaluated on."""
+    well as the cleaner means that seen users are evaluated on.
+
+    Either way a pair's embedding rows are fixed for the launch, so they are listed once here (``pairs``: the
+    training pairs; ``set_of_pair``: pair id -> the shot set holding it; ``set_ids`` and ``users``: each
+    embedding row's shot set and user) and every step only averages them."""
 
     def __init__(
-        self, set_of_pair: dict, row_of_set: dict, users: list, embeddings: torch.Tensor, subset_seed=None
+        self,
+        pairs: list[dict],
+        set_of_pair: dict,
+        set_ids: list,
+        users: list,
+        embeddings: torch.Tensor,
+        subset_seed=None,
     ):
-        self.set_of_pair, self.row_of_set, self.embeddings = set_of_pair, row_of_set, embeddings
-        self.subset_seed = subset_seed
-        self.sums, self.counts, self.sets = {}, {}, {}
-        set_ids = list(row_of_set)
-        for i, uid in enumerate(users):
-            self.sums[uid] = self.sums.get(uid, 0) + embeddings[i].double()
-            self.counts[uid] = self.counts.get(uid, 0) + 1
-            self.sets.setdefault(uid, []).append(set_ids[i])
-
-    def _subset(self, r: dict, own) -> list[int]:
-        """Embedding rows of pair ``r``'s subset (``user_subset``)."""
-        seed, pid, chosen = self.subset_seed, r["pair_id"], r["shot_set_id"]
-        others = [s for s in self.sets[r["user_id"]] if s not in (own, chosen)]
-        k = 1 + int(subset_key(seed, pid) / 2**64 * (len(others) + 1))
-        extra = sorted(others, key=lambda s: subset_key(seed, pid, s))[: k - 1]
-        return [self.row_of_set[s] for s in [chosen, *extra]]
+        self.embeddings = embeddings
+        row_of_set = {sid: i for i, sid in enumerate(set_ids)}
+        sets_of_user: dict = {}
+        for sid, uid in zip(set_ids, users, strict=True):
+            sets_of_user.setdefault(uid, []).append(sid)
+        self.rows_of_pair = {}
+        for r in pairs:
+            pid, own = r["pair_id"], set_of_pair.get(r["pair_id"])
+            others = [s for s in sets_of_user.get(r["user_id"], []) if s != own]
+            if not others:  # the pair's own set is its user's only one: the fewshot stage drops such pairs
+                raise RuntimeError(f"pair {pid}: its user has no shot set without it")
+            if subset_seed is not None:
+                chosen = r["shot_set_id"]
+                rest = [s for s in others if s != chosen]
+                k = 1 + int(subset_key(subset_seed, pid) / 2**64 * (len(rest) + 1))
+                others = [chosen, *sorted(rest, key=lambda s: subset_key(subset_seed, pid, s))[: k - 1]]
+            self.rows_of_pair[pid] = torch.as_tensor(
+                [row_of_set[s] for s in others], device=embeddings.device
+            )
 
     def __call__(self, rows: list[dict]) -> torch.Tensor:
-        out = []
-        for r in rows:
-            uid, own = r["user_id"], self.set_of_pair.get(r["pair_id"])
-            if self.subset_seed is not None:
-                out.append(self.embeddings[self._subset(r, own)].double().mean(0).to(self.embeddings.dtype))
-                continue
-            total, count = self.sums[uid], self.counts[uid]
-            if own is not None:
-                total, count = total - self.embeddings[self.row_of_set[own]].double(), count - 1
-            if count < 1:  # the pair's own set is its user's only one: the fewshot stage drops such pairs
-                raise RuntimeError(f"pair {r['pair_id']}: its user has no shot set without it")
-            out.append((total / count).to(self.embeddings.dtype))
-        return torch.stack(out)
+        return torch.stack(
+            [self.embeddings[self.rows_of_pair[r["pair_id"]]].double().mean(0) for r in rows]
+        ).to(self.embeddings.dtype)
 
 
 class TrainData:
@@ -126,6 +126,7 @@ class TrainData:
         seed: int = 0,
     ):
         dirs = {k: Path(v) for k, v in spec["dirs"].items()}
+        reads_other_sets = conditioning in ("user_mean", "user_subset")
         if (
             like is not None
         ):  # another run of the same launch: the same pairs, latent cache and set membership
@@ -136,25 +137,28 @@ class TrainData:
                 raise RuntimeError("no training pairs")
             self.cache = LatentCache(dirs["cache_latents"], device).preload()
             self.set_of_pair = None
-            if conditioning in ("user_mean", "user_subset"):
+            if reads_other_sets:
                 sets = read_fewshot(
                     dirs["fewshot"], "shot_sets", columns=["shot_set_id", "pair_ids"]
                 ).to_pylist()
                 self.set_of_pair = {p: s["shot_set_id"] for s in sets for p in s["pair_ids"]}
         table, emb = read_embeddings(dirs["embed"], spec["embedder"])
         self.embedding_shape = tuple(emb.shape[1:])
-        self.by_set = {sid: i for i, sid in enumerate(table.column("shot_set_id").to_pylist())}
+        set_ids = table.column("shot_set_id").to_pylist()
+        self.by_set = {sid: i for i, sid in enumerate(set_ids)}
         self.embeddings = torch.from_numpy(emb).to(device)  # (S, *shape)
         users = table.column("user_id").to_pylist()
         self.user_first_set = {}
-        for sid, uid in zip(table.column("shot_set_id").to_pylist(), users, strict=True):
+        for sid, uid in zip(set_ids, users, strict=True):
             self.user_first_set.setdefault(uid, sid)
         self.objective = objective
         self.device = device
         self.user_mean = None
-        if conditioning in ("user_mean", "user_subset") and objective.conditioned:
+        if reads_other_sets and objective.conditioned:
             subset_seed = seed if conditioning == "user_subset" else None
-            self.user_mean = _UserMean(self.set_of_pair, self.by_set, users, self.embeddings, subset_seed)
+            self.user_mean = _UserMean(
+                self.pairs, self.set_of_pair, set_ids, users, self.embeddings, subset_seed
+            )
 
     def condition(self, rows: list[dict], shot_set_ids: list[str] | None = None) -> torch.Tensor:
         """(P, *embedding_shape): the conditioning shot set's embedding (under ``train.conditioning = user_mean``
