@@ -16,6 +16,12 @@ training run moves a new-user win rate by up to 0.15 (docs/quality.md), so a tar
     python benchmarks/bench_quality.py                       # seeds 0 1 2, one after another
     python benchmarks/bench_quality.py --seeds 1 2 --jobs 2  # two worlds at once (one core each is slower)
     python benchmarks/bench_quality.py --train-seeds 0 1 2   # three training runs per world, judged pooled
+    python benchmarks/bench_quality.py --seen-one-set        # also seen users conditioned on one 4-pair set
+
+``--seen-one-set`` evaluates every run a second time with ``evaluate.seen_embedding=first`` (only the evaluation
+recomputes) and records the seen users' figures under ``seen_one_set``: the same models given one of a seen
+user's own sets, as a new user gives one. It separates what a single set costs from what being a new user costs,
+on more users than the new users alone (docs/encoder.md).
 """
 
 from __future__ import annotations
@@ -76,9 +82,17 @@ def figures(summary: dict) -> dict:
     return out
 
 
+ONE_SET = "evaluate.seen_embedding=first"
+
+
+def seen_figures(summary: dict) -> dict:
+    """The seen users' comparisons of an evaluation summary (``--seen-one-set``)."""
+    return {k: v for k, v in figures(summary).items() if k.startswith("seen:")}
+
+
 def world_figures(seed: int, args: argparse.Namespace) -> dict:
     """One world: a run per trainers' seed; with several, the pooled figures beside each run's."""
-    runs, evaluations, wall = {}, [], 0.0
+    runs, evaluations, one_set, wall = {}, [], [], 0.0
     for train_seed in args.train_seeds or [None]:  # None: the config's own train.seed
         extra = args.extra if train_seed is None else [*args.extra, f"train.seed={train_seed}"]
         run = run_world(seed, args.root / f"world-{seed}", args.config, extra)
@@ -87,17 +101,24 @@ def world_figures(seed: int, args: argparse.Namespace) -> dict:
         runs[str(train_seed)] = {"wall_s": run["wall_s"], **figures(summary)}
         evaluations.append(evaluate)
         wall += run["wall_s"]
+        if args.seen_one_set:  # the same models, seen users given one set: only the evaluation recomputes
+            again = run_world(seed, args.root / f"world-{seed}", args.config, [*extra, ONE_SET])
+            first = Path(again["dirs"]["evaluate"])
+            runs[str(train_seed)]["seen_one_set"] = seen_figures(
+                json.loads((first / "summary.json").read_text())
+            )
+            one_set.append(first)
+            wall += again["wall_s"]
     if len(runs) == 1:
         return next(iter(runs.values()))
     from ppd_core.config import load_config
     from ppd_core.evaluate.report import pooled
 
     pool = pooled(load_config(args.config, args.extra), evaluations)
-    return {
-        "wall_s": round(wall, 1),
-        **figures(pool),
-        "runs": runs,
-    }
+    out = {"wall_s": round(wall, 1), **figures(pool)}
+    if one_set:
+        out["seen_one_set"] = seen_figures(pooled(load_config(args.config, [*args.extra, ONE_SET]), one_set))
+    return {**out, "runs": runs}
 
 
 def main() -> None:
@@ -112,6 +133,11 @@ def main() -> None:
         default=None,
         help="trainers' seeds (train.seed) per world, one run each (default: one run at the config's seed); "
         "with several, targets are judged on their pooled figures",
+    )
+    parser.add_argument(
+        "--seen-one-set",
+        action="store_true",
+        help="also evaluate every run with seen users conditioned on one of their sets (evaluate.seen_embedding=first)",
     )
     parser.add_argument("--jobs", type=int, default=1, help="worlds run at once")
     parser.add_argument(
@@ -163,6 +189,9 @@ def main() -> None:
                 cells.append(
                     f"{key} {r['win_rate']:.3f} gain {r['reward_gain']:.2f} [{r['reward_gain_low']:.2f}]"
                 )
+        r = w.get("seen_one_set", {}).get("seen:ppd_vs_base")
+        if r:
+            cells.append(f"seen users on one set {r['win_rate']:.3f} gain {r['reward_gain']:.2f}")
         met = sum(1 for t in w["targets"] if t["met"])
         pooled = f", {len(w['runs'])} training runs pooled" if "runs" in w else ""
         print(
