@@ -67,16 +67,16 @@ def ds_config(cfg: PPDConfig, pairs_per_rank: int) -> dict:
 
 class _UserMean:
     """``train.conditioning = user_mean``: a pair reads the mean embedding of its user's shot sets, leaving out the
-    set that holds the pair (so its own label never conditions it).
+    set that holds the pair (so its own label never conditions it). Per-user sums are kept, and per pair only the
+    row of its own set, so memory grows with users, not with pairs times sets.
 
     ``train.conditioning = user_subset`` (``subset_seed`` given): a pair reads the mean of a subset of those sets
     instead, fixed per pair for a seed: the set the fewshot stage chose for it, then k - 1 more in a seeded order,
     k uniform in 1..(its user's sets without the pair). Training then sees one noisy set, as a new user gives, as
-    well as the cleaner means that seen users are evaluated on.
+    well as the cleaner means that seen users are evaluated on. Each pair's subset rows are listed once here.
 
-    Either way a pair's embedding rows are fixed for the launch, so they are listed once here (``pairs``: the
-    training pairs; ``set_of_pair``: pair id -> the shot set holding it; ``set_ids`` and ``users``: each
-    embedding row's shot set and user) and every step only averages them."""
+    ``pairs``: the training pairs; ``set_of_pair``: pair id -> the shot set holding it; ``set_ids`` and ``users``:
+    each embedding row's shot set and user."""
 
     def __init__(
         self,
@@ -89,28 +89,40 @@ class _UserMean:
     ):
         self.embeddings = embeddings
         row_of_set = {sid: i for i, sid in enumerate(set_ids)}
-        sets_of_user: dict = {}
-        for sid, uid in zip(set_ids, users, strict=True):
-            sets_of_user.setdefault(uid, []).append(sid)
-        self.rows_of_pair = {}
+        rows_of_user: dict = {}
+        for i, uid in enumerate(users):
+            rows_of_user.setdefault(uid, []).append(i)
+        self.subsets: dict | None = None if subset_seed is None else {}
+        self.own_row: dict = {}  # user_mean: pair id -> the embedding row of its own set (None: in no set)
         for r in pairs:
-            pid, own = r["pair_id"], set_of_pair.get(r["pair_id"])
-            others = [s for s in sets_of_user.get(r["user_id"], []) if s != own]
+            pid, uid = r["pair_id"], r["user_id"]
+            own = row_of_set.get(set_of_pair.get(pid))
+            others = [i for i in rows_of_user.get(uid, []) if i != own]
             if not others:  # the pair's own set is its user's only one: the fewshot stage drops such pairs
                 raise RuntimeError(f"pair {pid}: its user has no shot set without it")
-            if subset_seed is not None:
-                chosen = r["shot_set_id"]
-                rest = [s for s in others if s != chosen]
-                k = 1 + int(subset_key(subset_seed, pid) / 2**64 * (len(rest) + 1))
-                others = [chosen, *sorted(rest, key=lambda s: subset_key(subset_seed, pid, s))[: k - 1]]
-            self.rows_of_pair[pid] = torch.as_tensor(
-                [row_of_set[s] for s in others], device=embeddings.device
-            )
+            if self.subsets is None:
+                self.own_row[pid] = own
+                continue
+            chosen = row_of_set[r["shot_set_id"]]
+            rest = [i for i in others if i != chosen]
+            k = 1 + int(subset_key(subset_seed, pid) / 2**64 * (len(rest) + 1))
+            extra = sorted(rest, key=lambda i: subset_key(subset_seed, pid, set_ids[i]))[: k - 1]
+            self.subsets[pid] = torch.as_tensor([chosen, *extra], device=embeddings.device)
+        if self.subsets is None:
+            self.sums = {u: embeddings[rows].double().sum(0) for u, rows in rows_of_user.items()}
+            self.counts = {u: len(rows) for u, rows in rows_of_user.items()}
+
+    def _mean(self, r: dict) -> torch.Tensor:
+        pid, uid = r["pair_id"], r["user_id"]
+        if self.subsets is not None:
+            return self.embeddings[self.subsets[pid]].double().mean(0)
+        own = self.own_row[pid]
+        if own is None:
+            return self.sums[uid] / self.counts[uid]
+        return (self.sums[uid] - self.embeddings[own].double()) / (self.counts[uid] - 1)
 
     def __call__(self, rows: list[dict]) -> torch.Tensor:
-        return torch.stack(
-            [self.embeddings[self.rows_of_pair[r["pair_id"]]].double().mean(0) for r in rows]
-        ).to(self.embeddings.dtype)
+        return torch.stack([self._mean(r) for r in rows]).to(self.embeddings.dtype)
 
 
 class TrainData:
