@@ -92,29 +92,28 @@ class _UserMean:
         rows_of_user: dict = {}
         for i, uid in enumerate(users):
             rows_of_user.setdefault(uid, []).append(i)
-        self.subsets: dict | None = None if subset_seed is None else {}
+        self.counts = {u: len(rows) for u, rows in rows_of_user.items()}
         self.own_row: dict = {}  # user_mean: pair id -> the embedding row of its own set (None: in no set)
+        self.subsets: dict = {}  # user_subset: pair id -> its subset's embedding rows
         for r in pairs:
             pid, uid = r["pair_id"], r["user_id"]
             own = row_of_set.get(set_of_pair.get(pid))
-            others = [i for i in rows_of_user.get(uid, []) if i != own]
-            if not others:  # the pair's own set is its user's only one: the fewshot stage drops such pairs
+            if self.counts.get(uid, 0) - (own is not None) < 1:  # the fewshot stage drops such pairs
                 raise RuntimeError(f"pair {pid}: its user has no shot set without it")
-            if self.subsets is None:
+            if subset_seed is None:
                 self.own_row[pid] = own
                 continue
             chosen = row_of_set[r["shot_set_id"]]
-            rest = [i for i in others if i != chosen]
+            rest = [i for i in rows_of_user[uid] if i not in (own, chosen)]
             k = 1 + int(subset_key(subset_seed, pid) / 2**64 * (len(rest) + 1))
             extra = sorted(rest, key=lambda i: subset_key(subset_seed, pid, set_ids[i]))[: k - 1]
             self.subsets[pid] = torch.as_tensor([chosen, *extra], device=embeddings.device)
-        if self.subsets is None:
+        if subset_seed is None:
             self.sums = {u: embeddings[rows].double().sum(0) for u, rows in rows_of_user.items()}
-            self.counts = {u: len(rows) for u, rows in rows_of_user.items()}
 
     def _mean(self, r: dict) -> torch.Tensor:
         pid, uid = r["pair_id"], r["user_id"]
-        if self.subsets is not None:
+        if pid in self.subsets:
             return self.embeddings[self.subsets[pid]].double().mean(0)
         own = self.own_row[pid]
         if own is None:
