@@ -68,6 +68,12 @@ def run_world(seed: int, root: Path, config: str, extra: list[str]) -> dict:
     return {"dirs": dirs, "wall_s": round(time.time() - started, 1)}
 
 
+def evaluation(run: dict) -> tuple[Path, dict]:
+    """A run's evaluation directory and its summary."""
+    evaluate = Path(run["dirs"]["evaluate"])
+    return evaluate, json.loads((evaluate / "summary.json").read_text())
+
+
 def figures(summary: dict) -> dict:
     """The new-user figures of an evaluation summary (or of a pooled one) and its targets."""
     head = summary["headline"]
@@ -96,17 +102,14 @@ def world_figures(seed: int, args: argparse.Namespace) -> dict:
     for train_seed in args.train_seeds or [None]:  # None: the config's own train.seed
         extra = args.extra if train_seed is None else [*args.extra, f"train.seed={train_seed}"]
         run = run_world(seed, args.root / f"world-{seed}", args.config, extra)
-        evaluate = Path(run["dirs"]["evaluate"])
-        summary = json.loads((evaluate / "summary.json").read_text())
+        evaluate, summary = evaluation(run)
         runs[str(train_seed)] = {"wall_s": run["wall_s"], **figures(summary)}
         evaluations.append(evaluate)
         wall += run["wall_s"]
         if args.seen_one_set:  # the same models, seen users given one set: only the evaluation recomputes
             again = run_world(seed, args.root / f"world-{seed}", args.config, [*extra, ONE_SET])
-            first = Path(again["dirs"]["evaluate"])
-            runs[str(train_seed)]["seen_one_set"] = seen_figures(
-                json.loads((first / "summary.json").read_text())
-            )
+            first, first_summary = evaluation(again)
+            runs[str(train_seed)]["seen_one_set"] = seen_figures(first_summary)
             one_set.append(first)
             wall += again["wall_s"]
     if len(runs) == 1:
