@@ -37,7 +37,7 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 test: setup lint
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" -n 2 --dist loadfile --durations=15
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from ppd_core import pipeline
@@ -36,6 +38,12 @@ def small_config(root, *extra: str):
 
 @pytest.fixture(scope="session")
 def small_run(tmp_path_factory):
-    """(config, {stage: outcome}) of a complete small run."""
-    cfg = small_config(tmp_path_factory.mktemp("eval-run"))
+    """(config, {stage: outcome}) of a complete small run. Under pytest-xdist (``make test``) every worker uses
+    one root in the session's shared temporary directory: the first to get there computes each stage and the
+    others wait on its stage locks and reuse the outputs, as two `ppd run` on one root do."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = tmp_path_factory.getbasetemp().parent / "eval-run"
+    else:
+        root = tmp_path_factory.mktemp("eval-run")
+    cfg = small_config(root)
     return cfg, pipeline.run_stages(cfg, ["evaluate"])
