@@ -65,18 +65,55 @@ def ds_config(cfg: PPDConfig, pairs_per_rank: int) -> dict:
     return conf
 
 
-class _UserMean:
-    """``train.conditioning = user_mean``: a pair reads the mean embedding of its user's shot sets, leaving out the
-    set that holds the pair (so its own label never conditions it). Per-user sums are kept, and per pair only the
-    row of its own set, so memory grows with users, not with pairs times sets.
-
-    ``train.conditioning = user_subset`` (``subset_seed`` given): a pair reads the mean of a subset of those sets
-    instead, fixed per pair for a seed: the set the fewshot stage chose for it, then k - 1 more in a seeded order,
-    k uniform in 1..(its user's sets without the pair). Training then sees one noisy set, as a new user gives, as
-    well as the cleaner means that seen users are evaluated on. Each pair's subset rows are listed once here.
+def _rows_by_user(
+    pairs: list[dict], set_of_pair: dict, set_ids: list, users: list
+) -> tuple[dict, dict, dict]:
+    """The embedding row of each shot set, the rows of each user and each training pair's own-set row (None: in
+    no set). Raises for a pair whose user has no set without it (the fewshot stage drops such pairs).
 
     ``pairs``: the training pairs; ``set_of_pair``: pair id -> the shot set holding it; ``set_ids`` and ``users``:
     each embedding row's shot set and user."""
+    row_of_set = {sid: i for i, sid in enumerate(set_ids)}
+    rows_of_user: dict = {}
+    for i, uid in enumerate(users):
+        rows_of_user.setdefault(uid, []).append(i)
+    own_row = {}
+    for r in pairs:
+        pid = r["pair_id"]
+        own = row_of_set.get(set_of_pair.get(pid))
+        if len(rows_of_user.get(r["user_id"], ())) - (own is not None) < 1:
+            raise RuntimeError(f"pair {pid}: its user has no shot set without it")
+        own_row[pid] = own
+    return row_of_set, rows_of_user, own_row
+
+
+class _UserMean:
+    """``train.conditioning = user_mean``: a pair reads the mean embedding of its user's shot sets, leaving out the
+    set that holds the pair (so its own label never conditions it). Per-user sums are kept, and per pair only the
+    row of its own set, so memory grows with users, not with pairs times sets. Arguments: :func:`_rows_by_user`."""
+
+    def __init__(
+        self, pairs: list[dict], set_of_pair: dict, set_ids: list, users: list, embeddings: torch.Tensor
+    ):
+        _, rows_of_user, self.own_row = _rows_by_user(pairs, set_of_pair, set_ids, users)
+        self.embeddings = embeddings
+        self.counts = {u: len(rows) for u, rows in rows_of_user.items()}
+        self.sums = {u: embeddings[rows].double().sum(0) for u, rows in rows_of_user.items()}
+
+    def __call__(self, rows: list[dict]) -> torch.Tensor:
+        out = []
+        for r in rows:
+            own, total, n = self.own_row[r["pair_id"]], self.sums[r["user_id"]], self.counts[r["user_id"]]
+            out.append(total / n if own is None else (total - self.embeddings[own].double()) / (n - 1))
+        return torch.stack(out).to(self.embeddings.dtype)
+
+
+class _UserSubset:
+    """``train.conditioning = user_subset``: a pair reads the mean of a subset of its user's sets without the one
+    that holds it, fixed per pair for a seed: the set the fewshot stage chose for it, then k - 1 more in a seeded
+    order, k uniform in 1..(its user's sets without the pair). Training then sees one noisy set, as a new user
+    gives, as well as the cleaner means that seen users are evaluated on. Each pair's subset rows are listed once
+    here. Arguments: :func:`_rows_by_user`, and the seed."""
 
     def __init__(
         self,
@@ -85,43 +122,22 @@ class _UserMean:
         set_ids: list,
         users: list,
         embeddings: torch.Tensor,
-        subset_seed=None,
+        seed: int,
     ):
+        row_of_set, rows_of_user, own_row = _rows_by_user(pairs, set_of_pair, set_ids, users)
         self.embeddings = embeddings
-        row_of_set = {sid: i for i, sid in enumerate(set_ids)}
-        rows_of_user: dict = {}
-        for i, uid in enumerate(users):
-            rows_of_user.setdefault(uid, []).append(i)
-        self.counts = {u: len(rows) for u, rows in rows_of_user.items()}
-        self.own_row: dict = {}  # user_mean: pair id -> the embedding row of its own set (None: in no set)
-        self.subsets: dict = {}  # user_subset: pair id -> its subset's embedding rows
+        self.subsets = {}
         for r in pairs:
-            pid, uid = r["pair_id"], r["user_id"]
-            own = row_of_set.get(set_of_pair.get(pid))
-            if self.counts.get(uid, 0) - (own is not None) < 1:  # the fewshot stage drops such pairs
-                raise RuntimeError(f"pair {pid}: its user has no shot set without it")
-            if subset_seed is None:
-                self.own_row[pid] = own
-                continue
+            pid, own = r["pair_id"], own_row[r["pair_id"]]
             chosen = row_of_set[r["shot_set_id"]]
-            rest = [i for i in rows_of_user[uid] if i not in (own, chosen)]
-            k = 1 + int(subset_key(subset_seed, pid) / 2**64 * (len(rest) + 1))
-            extra = sorted(rest, key=lambda i: subset_key(subset_seed, pid, set_ids[i]))[: k - 1]
+            rest = [i for i in rows_of_user[r["user_id"]] if i not in (own, chosen)]
+            k = 1 + int(subset_key(seed, pid) / 2**64 * (len(rest) + 1))
+            extra = sorted(rest, key=lambda i: subset_key(seed, pid, set_ids[i]))[: k - 1]
             self.subsets[pid] = torch.as_tensor([chosen, *extra], device=embeddings.device)
-        if subset_seed is None:
-            self.sums = {u: embeddings[rows].double().sum(0) for u, rows in rows_of_user.items()}
-
-    def _mean(self, r: dict) -> torch.Tensor:
-        pid, uid = r["pair_id"], r["user_id"]
-        if pid in self.subsets:
-            return self.embeddings[self.subsets[pid]].double().mean(0)
-        own = self.own_row[pid]
-        if own is None:
-            return self.sums[uid] / self.counts[uid]
-        return (self.sums[uid] - self.embeddings[own].double()) / (self.counts[uid] - 1)
 
     def __call__(self, rows: list[dict]) -> torch.Tensor:
-        return torch.stack([self._mean(r) for r in rows]).to(self.embeddings.dtype)
+        means = [self.embeddings[self.subsets[r["pair_id"]]].double().mean(0) for r in rows]
+        return torch.stack(means).to(self.embeddings.dtype)
 
 
 class TrainData:
@@ -164,12 +180,10 @@ class TrainData:
             self.user_first_set.setdefault(uid, sid)
         self.objective = objective
         self.device = device
-        self.user_mean = None
+        self.other_sets = None  # user_mean / user_subset: the conditioning read from the user's other sets
         if reads_other_sets and objective.conditioned:
-            subset_seed = seed if conditioning == "user_subset" else None
-            self.user_mean = _UserMean(
-                self.pairs, self.set_of_pair, set_ids, users, self.embeddings, subset_seed
-            )
+            args = (self.pairs, self.set_of_pair, set_ids, users, self.embeddings)
+            self.other_sets = _UserSubset(*args, seed) if conditioning == "user_subset" else _UserMean(*args)
 
     def condition(self, rows: list[dict], shot_set_ids: list[str] | None = None) -> torch.Tensor:
         """(P, *embedding_shape): the conditioning shot set's embedding (under ``train.conditioning = user_mean``
@@ -178,8 +192,8 @@ class TrainData:
         objective that does not read the user."""
         if not self.objective.conditioned:
             return torch.zeros((len(rows), *self.embedding_shape), device=self.device)
-        if self.user_mean is not None and shot_set_ids is None:
-            return self.user_mean(rows)
+        if self.other_sets is not None and shot_set_ids is None:
+            return self.other_sets(rows)
         ids = shot_set_ids or [r["shot_set_id"] for r in rows]
         return self.embeddings[torch.as_tensor([self.by_set[s] for s in ids], device=self.device)]
 
