@@ -267,7 +267,9 @@ class EmbedderSpec(Section):
     name: SafeName = Field(
         description="Unique label, used in tables and as the key of its embedding shards (a safe file name)."
     )
-    kind: Literal["vlm", "clip_diff", "encoder", "true_preference", "true_attribute_diff"] = Field(
+    kind: Literal[
+        "vlm", "clip_diff", "encoder", "true_preference", "true_attribute_diff", "true_posterior"
+    ] = Field(
         description="vlm: a transformers image-text-to-text model (the paper's); clip_diff: open_clip mean(preferred - "
         "dispreferred) image features; encoder: the few-shot preference encoder trained by the `encoder` stage "
         "(configured in the encoder section); true_*: the synthetic world's references (toy runs only)."
@@ -579,8 +581,8 @@ class TrainConfig(Section):
     shots_ceiling_embedder: str | None = Field(
         "true-attribute-diff",
         description="Also train a ppd model (stage train_ppd_shots, model ppd_shots) conditioned on this embedder: "
-        "by default the world's true attribute differences of the same K shots, the K-shot ceiling (all the shots "
-        "can tell). Any embedder of embed.embedders (skipped when it is not listed, or is a synthetic-world reference "
+        "by default the world's true attribute differences of the same K shots, the K-shot ceiling (true-posterior, "
+        "the Bayes posterior given those shots, is the stricter limit). Any embedder of embed.embedders (skipped when it is not listed, or is a synthetic-world reference "
         "on real data). None: skip it.",
     )
     seed: int = Field(0, description="Seed of initialisation, data order, noise and timesteps.")

@@ -38,7 +38,7 @@ from ppd_core.weights import resolve_device
 
 Progress = Callable[[int, int], None]
 MapFn = Callable[[Callable, Sequence], Iterable]
-WORLD_KINDS = ("true_preference", "true_attribute_diff")
+WORLD_KINDS = ("true_preference", "true_attribute_diff", "true_posterior")
 MODEL_KINDS = ("vlm", "clip_diff")
 
 
@@ -106,12 +106,11 @@ def _load_embedder(
         return CLIPDiffEmbedder.from_spec(
             spec, (tiny_models / "open_clip") if tiny_models else None, resolve_device(device)
         )
-    from ppd_core.embed.reference import TrueAttributeDiffEmbedder, TruePreferenceEmbedder
+    from ppd_core.embed.reference import REFERENCE_EMBEDDERS
 
     if world is None:
         raise StageError(f"embedder {spec.name} ({spec.kind}) needs the synthetic world")
-    cls = TruePreferenceEmbedder if spec.kind == "true_preference" else TrueAttributeDiffEmbedder
-    return cls.from_world_dir(world)
+    return REFERENCE_EMBEDDERS[spec.kind].from_world_dir(world)
 
 
 def load_embedder(spec: EmbedderSpec, inputs: EmbedInputs, device: str = "auto") -> Embedder:

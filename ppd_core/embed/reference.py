@@ -1,13 +1,16 @@
-"""The synthetic world's reference embedders: the answer and the information limit (toy runs only).
+"""The synthetic world's reference embedders: the answer and the limits of K pairs (toy runs only).
 
 ``TruePreferenceEmbedder`` returns the user's true unit preference vector, whatever the shots
 show (the upper bound of any embedding). A user the world did not draw (a reward user of the
 `relabel` stage, labelled by a reward rather than a preference vector) has no such vector; it gets
 the unit-length attribute difference of its shots, the best the pixels tell. ``TrueAttributeDiffEmbedder`` returns the mean over
-the shots of z(preferred) - z(dispreferred), the measured style attributes of the pixels: all
-that K pairs can reveal (the toy-world measurements, "the information limit").
+the shots of z(preferred) - z(dispreferred), the measured style attributes of the pixels: what
+K pairs show, measured without error (the report's K-shot ceiling). ``TruePosteriorEmbedder``
+returns the Bayes posterior mean of the user's preference vector given the K labelled pairs, under the world's
+own prior (its archetypes plus the user noise) and its own Bradley-Terry likelihood: the best any Stage 1 that
+learned the population perfectly could read from K pairs (the limit an amortised encoder aims at).
 
-Both identities carry the sha256 of the world's ``world.json``, so vectors of one world are never
+Their identities carry the sha256 of the world's ``world.json``, so vectors of one world are never
 reused for another.
 """
 
@@ -109,10 +112,48 @@ class TrueAttributeDiffEmbedder(_WorldEmbedder):
         return _attribute_difference(self.world, shot_set)
 
 
-def _attribute_difference(world: SyntheticWorld, shot_set: ShotSet) -> np.ndarray:
-    """Mean over the shots of z(preferred) - z(dispreferred), float32 (A,)."""
+class TruePosteriorEmbedder(_WorldEmbedder):
+    """Posterior mean of the unit preference vector given the shots, (A,), by importance weighting a fixed,
+    seeded draw of ``PRIOR_SAMPLES`` vectors from the world's prior with the shots' Bradley-Terry likelihood
+    ``sigmoid(bt_scale * w . (z(preferred) - z(dispreferred)))``."""
+
+    name = "true-posterior"
+    kind = "true_posterior"
+    PRIOR_SAMPLES = 20000
+    PRIOR_SEED = 0
+
+    def __init__(self, world: SyntheticWorld, digest: str | None = None):
+        super().__init__(world, digest)
+        rng = np.random.default_rng(self.PRIOR_SEED)
+        archetypes = np.asarray(world.archetypes, dtype=np.float64)
+        drawn = archetypes[rng.integers(0, len(archetypes), self.PRIOR_SAMPLES)]
+        prior = drawn + world.config.user_noise * rng.standard_normal(drawn.shape)
+        self.prior = prior / np.linalg.norm(prior, axis=1, keepdims=True)  # (M, A) unit vectors
+
+    def identity(self) -> dict:
+        return {**super().identity(), "prior_samples": self.PRIOR_SAMPLES, "prior_seed": self.PRIOR_SEED}
+
+    def _vector(self, shot_set: ShotSet) -> np.ndarray:
+        diffs = _shot_differences(self.world, shot_set)  # (K, A)
+        log_lik = -np.logaddexp(0.0, -self.world.config.bt_scale * self.prior @ diffs.T).sum(axis=1)  # (M,)
+        weights = np.exp(log_lik - log_lik.max())
+        return (weights @ self.prior / weights.sum()).astype(np.float32)
+
+
+def _shot_differences(world: SyntheticWorld, shot_set: ShotSet) -> np.ndarray:
+    """z(preferred) - z(dispreferred) of every shot, float64 (K, A)."""
     if not shot_set.shots:
         raise ValueError(f"shot set {shot_set.shot_set_id} has no shots")
     winners = np.stack([_as_uint8(s.preferred) for s in shot_set.shots])  # (K, H, W, 3)
     losers = np.stack([_as_uint8(s.dispreferred) for s in shot_set.shots])
-    return world.shot_attribute_difference(winners, losers)
+    return world.attributes(winners) - world.attributes(losers)
+
+
+def _attribute_difference(world: SyntheticWorld, shot_set: ShotSet) -> np.ndarray:
+    """Mean over the shots of z(preferred) - z(dispreferred), float32 (A,)."""
+    return _shot_differences(world, shot_set).mean(axis=0).astype(np.float32)
+
+
+REFERENCE_EMBEDDERS = {
+    cls.kind: cls for cls in (TruePreferenceEmbedder, TrueAttributeDiffEmbedder, TruePosteriorEmbedder)
+}

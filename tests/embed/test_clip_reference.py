@@ -26,7 +26,12 @@ from ppd_core.embed.clip import (
     build_tiny_open_clip,
     resolve_clip_source,
 )
-from ppd_core.embed.reference import TrueAttributeDiffEmbedder, TruePreferenceEmbedder, world_digest
+from ppd_core.embed.reference import (
+    TrueAttributeDiffEmbedder,
+    TruePosteriorEmbedder,
+    TruePreferenceEmbedder,
+    world_digest,
+)
 from ppd_core.errors import ConfigError
 from ppd_core.weights import files_digest
 
@@ -258,6 +263,50 @@ def test_true_attribute_diff_points_towards_the_true_preference(world_dir, sets)
     # swapping winner and loser points away from it
     flipped = TrueAttributeDiffEmbedder.from_world_dir(world_dir).embed([swapped(s) for s in sets])
     np.testing.assert_allclose(flipped.embeddings.numpy(), -diff, atol=1e-6)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_true_posterior_reads_the_true_preference_better_than_the_shot_difference(world_dir, sets):
+    """The Bayes posterior mean under the world's prior is the best read of K pairs; more pairs read better."""
+    posterior = TruePosteriorEmbedder.from_world_dir(world_dir)
+    out = posterior.embed(sets).embeddings.numpy()
+    true = TruePreferenceEmbedder.from_world_dir(world_dir).embed(sets).embeddings.numpy()
+    diff = TrueAttributeDiffEmbedder.from_world_dir(world_dir).embed(sets).embeddings.numpy()
+    assert posterior.output_shape == (5,) and out.dtype == np.float32
+    assert np.all(np.linalg.norm(out, axis=1) <= 1 + 1e-6)  # a mean of unit vectors
+    assert _cosine(out, true).mean() > _cosine(diff, true).mean() + 0.02
+    # all of a user's pairs as one set pin the vector down far better than 4 of them
+    by_user: dict[int, list] = defaultdict(list)
+    for s in sets:
+        by_user[s.user_id].extend(s.shots)
+    whole = [ShotSet(f"{u}-all", u, tuple(shots)) for u, shots in sorted(by_user.items())]
+    whole_out = posterior.embed(whole).embeddings.numpy()
+    whole_true = TruePreferenceEmbedder.from_world_dir(world_dir).embed(whole).embeddings.numpy()
+    assert _cosine(whole_out, whole_true).mean() > max(0.85, _cosine(out, true).mean() + 0.1)
+
+
+def test_true_posterior_without_information_is_the_prior_mean(world_dir, sets):
+    """Pairs of identical images say nothing: every prior draw keeps its weight."""
+    posterior = TruePosteriorEmbedder.from_world_dir(world_dir)
+    blank = replace(sets[0], shots=tuple(replace(s, dispreferred=s.preferred) for s in sets[0].shots))
+    np.testing.assert_allclose(
+        posterior.embed([blank]).embeddings.numpy()[0], posterior.prior.mean(axis=0), atol=1e-6
+    )
+
+
+def test_true_posterior_is_deterministic_and_named(world_dir, sets):
+    first = TruePosteriorEmbedder.from_world_dir(world_dir)
+    second = TruePosteriorEmbedder(SyntheticWorld.load(world_dir))
+    np.testing.assert_array_equal(
+        first.embed(sets[:4]).embeddings.numpy(), second.embed(sets[:4]).embeddings.numpy()
+    )
+    ident = first.identity()
+    assert ident == second.identity()
+    assert ident["kind"] == "true_posterior" and ident["weights_digest"] == world_digest(world_dir / "world")
+    assert ident["prior_samples"] == TruePosteriorEmbedder.PRIOR_SAMPLES
 
 
 def test_reference_identity_carries_the_world_digest(world_dir, tmp_path):

@@ -14,7 +14,7 @@ from ppd_core.config import load_config
 from ppd_core.embed.extract import read_embeddings
 from ppd_core.schemas import PICKAPIC_V2
 
-EMBEDDERS = "[{name: clip, kind: clip_diff}, {name: truth, kind: true_preference}]"
+EMBEDDERS = "[{name: clip, kind: clip_diff}, {name: truth, kind: true_preference}, {name: bayes, kind: true_posterior}]"
 
 
 def _cfg(root, *extra):
@@ -52,6 +52,12 @@ def test_shards_have_the_documented_schema(tmp_path):
     counts = out.manifest.counts
     assert counts["embedders"]["clip"]["sets"] == counts["shot_sets"] == len(table)
     assert counts["embedders"]["truth"]["shape"] == [5]
+    bayes, bayes_emb = read_embeddings(out.directory, "bayes")  # the Bayes limit: standard shards, same sets
+    assert bayes.column("shot_set_id").to_pylist() == table.column("shot_set_id").to_pylist()
+    assert bayes_emb.shape == (len(table), 5) and np.all(np.linalg.norm(bayes_emb, axis=1) <= 1 + 1e-6)
+    bayes_shard = next((out.directory / "bayes").glob("shard-*.parquet"))
+    bayes_identity = json.loads(pq.read_schema(bayes_shard).metadata[b"embedder_identity"])
+    assert bayes_identity["kind"] == "true_posterior" and bayes_identity["prior_samples"] > 0
     # every shard is listed in the manifest with its digest
     assert {f for f in out.manifest.files if f.startswith("clip/")} == {
         p.relative_to(out.directory).as_posix() for p in (out.directory / "clip").glob("*.parquet")
@@ -100,7 +106,8 @@ def test_new_users_compute_only_their_shot_sets(tmp_path):
     c1, c2 = one.manifest.counts["embedders"]["clip"], two.manifest.counts["embedders"]["clip"]
     assert c1["computed"] == c1["sets"] and c1["reused"] == 0
     assert c2["reused"] == c1["sets"] and c2["computed"] == c2["sets"] - c1["sets"] > 0
-    assert "truth" not in two.manifest.counts["embedders"]  # no synthetic world behind a --source run
+    # no synthetic world behind a --source run
+    assert {"truth", "bayes"}.isdisjoint(two.manifest.counts["embedders"])
     t1, e1 = read_embeddings(one.directory, "clip")
     t2, e2 = read_embeddings(two.directory, "clip")
     index = {sid: i for i, sid in enumerate(t2.column("shot_set_id").to_pylist())}
@@ -117,7 +124,7 @@ def test_probe_table_reports_every_embedder_beside_chance(tmp_path):
     table = pq.read_table(probe.directory / "probe.parquet")
     assert table.schema.equals(PROBE, check_metadata=False)
     rows = table.to_pylist()
-    assert {r["embedder"] for r in rows} == {"clip", "truth"}
+    assert {r["embedder"] for r in rows} == {"clip", "truth", "bayes"}
     acc = {(r["embedder"], r["task"], r["method"], r["k"]): r["accuracy"] for r in rows}
     for name in ("clip", "truth"):
         assert ("clip", "user_id", "mlp", 1) in acc and (name, "user_id", "chance", 16) in acc
