@@ -56,6 +56,7 @@ __all__ = [
     "encode_jpeg",
     "measure_attributes",
     "choose_archetypes",
+    "preference_vectors",
     "render_images",
     "synthesize",
 ]
@@ -133,13 +134,22 @@ def choose_archetypes(count: int, rng: np.random.Generator) -> np.ndarray:
     return cands[best]
 
 
+def preference_vectors(archetypes: np.ndarray, assigned: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """Unit preference vectors, float64 (N, A): each one's archetype weights (``archetypes[assigned]``) plus its
+    noise, normalised. The world's users are drawn with it, and the ``true_posterior`` reference draws its prior
+    with it."""
+    return _unit(np.asarray(archetypes, dtype=np.float64)[assigned] + noise)
+
+
 def _users(cfg: WorldConfig, archetypes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(user_ids int64 (U,), archetype index (U,), unit weights float64 (U, A))."""
     rng = _rng(cfg.seed, "users")
     user_ids = rng.choice(9_900_000, size=cfg.num_users, replace=False).astype(np.int64) + 100_000
     assigned = rng.permutation(np.arange(cfg.num_users) % cfg.num_archetypes)  # balanced archetypes
     noise = cfg.user_noise * rng.standard_normal((cfg.num_users, len(ATTRIBUTES)))
-    weights = _unit(archetypes[assigned] + noise).astype(np.float32)  # stored as float32: label with those
+    weights = preference_vectors(archetypes, assigned, noise).astype(
+        np.float32
+    )  # stored as float32: label with those
     return user_ids, assigned, weights.astype(np.float64)
 
 

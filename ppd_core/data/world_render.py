@@ -332,7 +332,11 @@ class SyntheticWorld:
         """The user's archetype index."""
         return int(self._archetype[self._row(user_id)])
 
+    def shot_attribute_differences(self, winner_images: np.ndarray, loser_images: np.ndarray) -> np.ndarray:
+        """z(winner) - z(loser) of every shot, float64 (K, A)."""
+        return self.attributes(winner_images) - self.attributes(loser_images)
+
     def shot_attribute_difference(self, winner_images: np.ndarray, loser_images: np.ndarray) -> np.ndarray:
-        """Mean over the shots of z(winner) - z(loser), float32 (A,): all a shot set can reveal."""
-        diff = self.attributes(winner_images) - self.attributes(loser_images)  # (K, A)
-        return diff.mean(axis=0).astype(np.float32)
+        """Mean over the shots of z(winner) - z(loser), float32 (A,): what a shot set shows, measured without
+        error."""
+        return self.shot_attribute_differences(winner_images, loser_images).mean(axis=0).astype(np.float32)

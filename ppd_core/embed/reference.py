@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ppd_core.data.synthetic import preference_vectors
 from ppd_core.data.world_render import ATTRIBUTES, WORLD_DIR, SyntheticWorld
 from ppd_core.embed.base import Embedder, EmbedOutput, ShotSet
 
@@ -98,7 +99,7 @@ class TruePreferenceEmbedder(_WorldEmbedder):
     def _vector(self, shot_set: ShotSet) -> np.ndarray:
         if self.world.has_user(shot_set.user_id):
             return self.world.true_preference(shot_set.user_id)
-        diff = _attribute_difference(self.world, shot_set)  # a reward user: no true vector
+        diff = self.world.shot_attribute_difference(*_shot_images(shot_set))  # a reward user: no true vector
         return diff / max(float(np.linalg.norm(diff)), 1e-9)
 
 
@@ -109,7 +110,7 @@ class TrueAttributeDiffEmbedder(_WorldEmbedder):
     kind = "true_attribute_diff"
 
     def _vector(self, shot_set: ShotSet) -> np.ndarray:
-        return _attribute_difference(self.world, shot_set)
+        return self.world.shot_attribute_difference(*_shot_images(shot_set))
 
 
 class TruePosteriorEmbedder(_WorldEmbedder):
@@ -125,33 +126,27 @@ class TruePosteriorEmbedder(_WorldEmbedder):
     def __init__(self, world: SyntheticWorld, digest: str | None = None):
         super().__init__(world, digest)
         rng = np.random.default_rng(self.PRIOR_SEED)
-        archetypes = np.asarray(world.archetypes, dtype=np.float64)
-        drawn = archetypes[rng.integers(0, len(archetypes), self.PRIOR_SAMPLES)]
-        prior = drawn + world.config.user_noise * rng.standard_normal(drawn.shape)
-        self.prior = prior / np.linalg.norm(prior, axis=1, keepdims=True)  # (M, A) unit vectors
+        assigned = rng.integers(0, len(world.archetypes), self.PRIOR_SAMPLES)
+        noise = world.config.user_noise * rng.standard_normal((self.PRIOR_SAMPLES, world.archetypes.shape[1]))
+        self.prior = preference_vectors(world.archetypes, assigned, noise)  # (M, A) unit vectors
 
     def identity(self) -> dict:
         return {**super().identity(), "prior_samples": self.PRIOR_SAMPLES, "prior_seed": self.PRIOR_SEED}
 
     def _vector(self, shot_set: ShotSet) -> np.ndarray:
-        diffs = _shot_differences(self.world, shot_set)  # (K, A)
+        diffs = self.world.shot_attribute_differences(*_shot_images(shot_set))  # (K, A)
         log_lik = -np.logaddexp(0.0, -self.world.config.bt_scale * self.prior @ diffs.T).sum(axis=1)  # (M,)
         weights = np.exp(log_lik - log_lik.max())
         return (weights @ self.prior / weights.sum()).astype(np.float32)
 
 
-def _shot_differences(world: SyntheticWorld, shot_set: ShotSet) -> np.ndarray:
-    """z(preferred) - z(dispreferred) of every shot, float64 (K, A)."""
+def _shot_images(shot_set: ShotSet) -> tuple[np.ndarray, np.ndarray]:
+    """The shots' preferred and dispreferred images, uint8 (K, H, W, 3) each."""
     if not shot_set.shots:
         raise ValueError(f"shot set {shot_set.shot_set_id} has no shots")
-    winners = np.stack([_as_uint8(s.preferred) for s in shot_set.shots])  # (K, H, W, 3)
+    winners = np.stack([_as_uint8(s.preferred) for s in shot_set.shots])
     losers = np.stack([_as_uint8(s.dispreferred) for s in shot_set.shots])
-    return world.attributes(winners) - world.attributes(losers)
-
-
-def _attribute_difference(world: SyntheticWorld, shot_set: ShotSet) -> np.ndarray:
-    """Mean over the shots of z(preferred) - z(dispreferred), float32 (A,)."""
-    return _shot_differences(world, shot_set).mean(axis=0).astype(np.float32)
+    return winners, losers
 
 
 REFERENCE_EMBEDDERS = {
