@@ -582,8 +582,8 @@ class TrainConfig(Section):
         "true-attribute-diff",
         description="Also train a ppd model (stage train_ppd_shots, model ppd_shots) conditioned on this embedder: "
         "by default the world's true attribute differences of the same K shots, the K-shot ceiling (true-posterior, "
-        "the Bayes posterior given those shots, is the stricter limit). Any embedder of embed.embedders (skipped when it is not listed, or is a synthetic-world reference "
-        "on real data). None: skip it.",
+        "the Bayes posterior given those shots, is the stricter limit). Any embedder of embed.embedders (skipped "
+        "when it is not listed, or is a synthetic-world reference on real data). None: skip it.",
     )
     seed: int = Field(0, description="Seed of initialisation, data order, noise and timesteps.")
     conditioning: Literal["shot_set", "user_mean", "user_subset"] = Field(

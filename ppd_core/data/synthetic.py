@@ -147,9 +147,8 @@ def _users(cfg: WorldConfig, archetypes: np.ndarray) -> tuple[np.ndarray, np.nda
     user_ids = rng.choice(9_900_000, size=cfg.num_users, replace=False).astype(np.int64) + 100_000
     assigned = rng.permutation(np.arange(cfg.num_users) % cfg.num_archetypes)  # balanced archetypes
     noise = cfg.user_noise * rng.standard_normal((cfg.num_users, len(ATTRIBUTES)))
-    weights = preference_vectors(archetypes, assigned, noise).astype(
-        np.float32
-    )  # stored as float32: label with those
+    # stored as float32: the labels are drawn with those
+    weights = preference_vectors(archetypes, assigned, noise).astype(np.float32)
     return user_ids, assigned, weights.astype(np.float64)
 
 

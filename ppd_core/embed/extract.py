@@ -32,13 +32,14 @@ from ppd_core.config import EmbedConfig, EmbedderSpec
 from ppd_core.data.fewshot import read_fewshot
 from ppd_core.data.images import ingest_images
 from ppd_core.embed.base import Embedder, Shot, ShotSet
+from ppd_core.embed.reference import REFERENCE_EMBEDDERS
 from ppd_core.errors import StageError
 from ppd_core.manifest import is_complete, load_manifest
 from ppd_core.weights import resolve_device
 
 Progress = Callable[[int, int], None]
 MapFn = Callable[[Callable, Sequence], Iterable]
-WORLD_KINDS = ("true_preference", "true_attribute_diff", "true_posterior")
+WORLD_KINDS = tuple(REFERENCE_EMBEDDERS)  # the synthetic world's reference kinds (skipped on real data)
 MODEL_KINDS = ("vlm", "clip_diff")
 
 
@@ -106,8 +107,6 @@ def _load_embedder(
         return CLIPDiffEmbedder.from_spec(
             spec, (tiny_models / "open_clip") if tiny_models else None, resolve_device(device)
         )
-    from ppd_core.embed.reference import REFERENCE_EMBEDDERS
-
     if world is None:
         raise StageError(f"embedder {spec.name} ({spec.kind}) needs the synthetic world")
     return REFERENCE_EMBEDDERS[spec.kind].from_world_dir(world)
